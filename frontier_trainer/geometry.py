@@ -1,0 +1,700 @@
+"""The paper's geometry as pure functions on torch tensors.
+
+"What Is the Geometry of the Alignment Tax?" (Young): under the linear representation
+hypothesis, safety is a direction ``v*`` and capabilities span a subspace ``C``. This module
+turns its definitions and theorems into small exact functions that the rest of the package
+(the trainer's projector, the degradation tracker, HMA) builds on.
+
+Conventions
+-----------
+* A direction is a 1-D tensor of shape ``(d,)``; several directions are the **columns** of a
+  2-D tensor of shape ``(d, m)``. Directions need not be unit length: functions normalise
+  where the paper assumes unit vectors.
+* Everything is computed in float64. Scalars come back as Python ``float``; vectors and
+  matrices come back in the dtype of the (first) input tensor unless documented otherwise.
+* Every function validates its inputs and raises :class:`ValueError` naming the argument
+  (wrong shape, zero vector, NaN/inf, out-of-range value).
+* Rank decisions (dependent capability directions) use one relative threshold,
+  :data:`GRAM_RTOL`, on the eigenvalues of a Gram matrix.
+
+No Trainer, transformers or wandb import here, by design.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ENTANGLED_MIN_TAU",
+    "FREE_MAX_TAU",
+    "GRAM_RTOL",
+    "ConflictEffect",
+    "ScalingFit",
+    "conflict_effect",
+    "effective_angle",
+    "fit_scaling_law",
+    "free_safety",
+    "frontier_safety",
+    "max_equal_improvement",
+    "max_safety_gain",
+    "nullspace_coefficients",
+    "partial_correlation",
+    "principal_angles",
+    "regime",
+    "solve_frontier_step",
+    "task_tax_rates",
+    "tax_rate",
+    "whiten",
+]
+
+#: Relative eigenvalue threshold of a Gram matrix below which a direction counts as dependent
+#: on the others. 1e-12 on eigenvalues is 1e-6 on singular values: a direction closer than
+#: that to the span of the others adds nothing (its residual leak is below 1e-6).
+GRAM_RTOL: float = 1e-12
+
+#: Regime thresholds of §9.3 on the tax rate τ = cos²α. ``free``: τ < 0.05 (α > 77°);
+#: ``entangled``: τ > 0.95 (α < 13°); ``tradeoff`` in between.
+FREE_MAX_TAU: float = 0.05
+ENTANGLED_MIN_TAU: float = 0.95
+
+Regime = Literal["free", "tradeoff", "entangled"]
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def _vector(name: str, x: object, *, allow_zero: bool = False) -> torch.Tensor:
+    """Validate a direction of shape (d,) and return it in float64."""
+    x = _check_tensor(name, x)
+    if x.dim() != 1 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor of shape (d,), got shape {tuple(x.shape)}")
+    x64 = x.detach().to(torch.float64)
+    if not allow_zero and not torch.any(x64 != 0):
+        raise ValueError(f"{name} is the zero vector; a direction needs a nonzero norm")
+    return x64
+
+
+def _matrix(name: str, C: object, d: int | None = None) -> torch.Tensor:
+    """Validate a matrix of column directions of shape (d, m); a 1-D tensor is one column."""
+    C = _check_tensor(name, C)
+    if C.dim() == 1:
+        C = C.unsqueeze(1)
+    if C.dim() != 2 or C.shape[0] == 0 or C.shape[1] == 0:
+        raise ValueError(
+            f"{name} must be a 2-D tensor of shape (d, m) with directions as columns, got {tuple(C.shape)}"
+        )
+    if d is not None and C.shape[0] != d:
+        raise ValueError(f"{name} has {C.shape[0]} rows but the direction has dimension {d}")
+    return C.detach().to(torch.float64)
+
+
+def _finite_float(name: str, x: object) -> float:
+    try:
+        value = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {x!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _budget(budget: object) -> float:
+    B = _finite_float("budget", budget)
+    if B <= 0:
+        raise ValueError(f"budget must be > 0 (the radius B of ‖δ‖ ≤ B), got {B}")
+    return B
+
+
+def _pinv_psd(G: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix with the :data:`GRAM_RTOL` rank rule."""
+    evals, evecs = torch.linalg.eigh(G)
+    cutoff = GRAM_RTOL * max(float(evals.max()), 0.0)
+    keep = evals > cutoff
+    inv = torch.zeros_like(evals)
+    inv[keep] = 1.0 / evals[keep]
+    return (evecs * inv) @ evecs.T
+
+
+def _projection_coefficients(C: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Coefficients w with P_C v = C w, i.e. w = (CᵀC)⁺ Cᵀ v (rank-deficient C allowed)."""
+    return _pinv_psd(C.T @ C) @ (C.T @ v)
+
+
+# --------------------------------------------------------------------------------------
+# tax rates and angles (§3-§4)
+# --------------------------------------------------------------------------------------
+
+
+def tax_rate(v: torch.Tensor, C: torch.Tensor) -> float:
+    """Alignment tax rate τ = ‖P_C v̂‖² (Def 3.4, eq. 2).
+
+    Computed through the Gram form of Remark 4.6, τ = vᵀC(CᵀC)⁺Cᵀv / ‖v‖², with a
+    pseudo-inverse so that overlapping, parallel or rank-deficient capability columns are
+    handled: the result is the squared cosine between ``v`` and the subspace spanned by the
+    columns of ``C``, never their sum of per-task rates (non-additivity, Remark 4.6).
+
+    Args:
+        v: safety direction, shape (d,), any nonzero norm.
+        C: capability directions as columns, shape (d, m) (or (d,) for one direction).
+
+    Returns:
+        τ in [0, 1] as a Python float.
+    """
+    v64 = _vector("v", v)
+    C64 = _matrix("C", C, v64.shape[0])
+    if not torch.any(C64 != 0):
+        raise ValueError("C is all zeros; the capability subspace needs at least one nonzero column")
+    a = C64.T @ v64
+    tau = float(a @ _pinv_psd(C64.T @ C64) @ a) / float(v64 @ v64)
+    return min(max(tau, 0.0), 1.0)
+
+
+def task_tax_rates(v: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Per-task tax rates τ_i = ⟨v̂, ĉ_i⟩² = cos²(v, c_i) (Cor 4.5, eq. 6).
+
+    Args:
+        v: safety direction, shape (d,).
+        C: capability directions as columns, shape (d, m); no column may be zero.
+
+    Returns:
+        Tensor of shape (m,) in ``v``'s dtype, each entry in [0, 1].
+    """
+    v64 = _vector("v", v)
+    C64 = _matrix("C", C, v64.shape[0])
+    norms = C64.norm(dim=0)
+    zero = (norms == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"C has zero columns {zero}; a per-task tax rate needs a nonzero direction")
+    cos = (C64.T @ v64) / (norms * v64.norm())
+    return cos.square().clamp(0.0, 1.0).to(v.dtype)
+
+
+def _orthonormal_basis(name: str, A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column space of A (float64), rank-revealing via SVD."""
+    U, S, _ = torch.linalg.svd(A, full_matrices=False)
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        raise ValueError(f"{name} spans the zero subspace; principal angles need a nonzero column")
+    rank = int((S[0] * math.sqrt(GRAM_RTOL) < S).sum())
+    return U[:, :rank]
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Principal angles between span(A) and span(B), Björck–Golub (1973).
+
+    Orthonormalise each set of columns, take the singular values σ of Q_AᵀQ_B, and return
+    θ_k = arccos σ_k. Small angles are computed from sines (the singular values of
+    Q_B − Q_A Q_AᵀQ_B), as Björck and Golub recommend, because arccos loses half the digits
+    near σ = 1.
+
+    Args:
+        A: shape (d, p); B: shape (d, q). Rank-deficient inputs are reduced to their rank.
+
+    Returns:
+        Angles in radians, ascending, shape (min(rank A, rank B),), in ``A``'s dtype.
+    """
+    A64 = _matrix("A", A)
+    B64 = _matrix("B", B, A64.shape[0])
+    QA = _orthonormal_basis("A", A64)
+    QB = _orthonormal_basis("B", B64)
+    if QA.shape[1] < QB.shape[1]:  # make QB the smaller basis so the counts line up
+        QA, QB = QB, QA
+    cos = torch.linalg.svdvals(QA.T @ QB).clamp(0.0, 1.0)  # descending
+    angles = torch.arccos(cos)
+    sin = torch.linalg.svdvals(QB - QA @ (QA.T @ QB)).clamp(0.0, 1.0).flip(0)  # ascending
+    small = cos.square() > 0.5
+    angles[small] = torch.arcsin(sin[small])
+    return angles.to(A.dtype if A.is_floating_point() else torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# frontier (§4)
+# --------------------------------------------------------------------------------------
+
+
+def frontier_safety(delta_c: float | torch.Tensor, alpha: float, budget: float) -> float | torch.Tensor:
+    """Single-capability Pareto frontier (Thm 4.1, eq. 3).
+
+    Δ_S = Δ_C cos α + sin α √(B² − Δ_C²), for |Δ_C| ≤ B.
+
+    Args:
+        delta_c: capability change(s) Δ_C; a float or a tensor (vectorised elementwise).
+        alpha: angle between safety and capability directions, in [0, π].
+        budget: B > 0.
+
+    Returns:
+        The largest achievable safety gain, a float for a float input, else a tensor of
+        ``delta_c``'s shape and floating dtype.
+    """
+    B = _budget(budget)
+    a = _finite_float("alpha", alpha)
+    if not 0.0 <= a <= math.pi:
+        raise ValueError(f"alpha must be an angle in [0, pi] radians, got {a}")
+    is_tensor = isinstance(delta_c, torch.Tensor)
+    dc = (
+        _check_tensor("delta_c", delta_c)
+        if is_tensor
+        else torch.tensor(_finite_float("delta_c", delta_c), dtype=torch.float64)
+    )
+    dc64 = dc.detach().to(torch.float64)
+    if dc64.numel() and float(dc64.abs().max()) > B * (1 + 1e-12):
+        raise ValueError(
+            f"delta_c must satisfy |delta_c| <= budget = {B}; got max |delta_c| = {float(dc64.abs().max())}"
+        )
+    root = (B * B - dc64.square()).clamp_min(0.0).sqrt()
+    out = dc64 * math.cos(a) + math.sin(a) * root
+    if not is_tensor:
+        return float(out)
+    return out.to(dc.dtype if dc.is_floating_point() else torch.float64)
+
+
+def max_safety_gain(
+    v: torch.Tensor, C: torch.Tensor, delta_c: torch.Tensor, budget: float
+) -> tuple[float, torch.Tensor]:
+    """Maximum safety gain at a fixed capability change (Thm 4.3, eq. 4).
+
+    With v̂ = v/‖v‖, the best step δ with P_C δ = δ_C and ‖δ‖ ≤ B is
+    δ* = δ_C + √(B² − ‖δ_C‖²) · P_{C⊥} v̂ / ‖P_{C⊥} v̂‖, with gain
+    ⟨v̂, δ_C⟩ + √(B² − ‖δ_C‖²) ‖P_{C⊥} v̂‖. With δ_C = 0 this is Cor 4.4, B√(1−τ).
+
+    Args:
+        v: safety direction, shape (d,).
+        C: capability directions as columns, shape (d, m).
+        delta_c: the capability component δ_C, shape (d,); must lie in span(C).
+        budget: B > 0 with ‖δ_C‖ ≤ B.
+
+    Returns:
+        ``(gain, delta)``: the gain as a float and δ* in ``v``'s dtype. If v̂ lies inside
+        span(C) there is no free direction and δ* = δ_C.
+    """
+    v64 = _vector("v", v)
+    d = v64.shape[0]
+    C64 = _matrix("C", C, d)
+    dc = _vector("delta_c", delta_c, allow_zero=True)
+    if dc.shape[0] != d:
+        raise ValueError(f"delta_c has dimension {dc.shape[0]} but v has dimension {d}")
+    B = _budget(budget)
+    dc_norm = float(dc.norm())
+    if dc_norm > B * (1 + 1e-12):
+        raise ValueError(f"delta_c has norm {dc_norm} > budget {B}; Thm 4.3 needs ‖δ_C‖ ≤ B")
+    off_span = float((dc - C64 @ _projection_coefficients(C64, dc)).norm())
+    if off_span > 1e-9 * max(dc_norm, 1.0):
+        raise ValueError(
+            f"delta_c must lie in span(C) (it is the capability component P_C δ); its residual is {off_span:.3g}"
+        )
+    v_hat = v64 / v64.norm()
+    v_perp = v_hat - C64 @ _projection_coefficients(C64, v_hat)
+    residual_budget = math.sqrt(max(B * B - dc_norm * dc_norm, 0.0))
+    perp_norm = float(v_perp.norm())
+    delta = dc.clone()
+    if perp_norm > math.sqrt(GRAM_RTOL):
+        delta = delta + residual_budget * v_perp / perp_norm
+    gain = float(v_hat @ delta)
+    return gain, delta.to(v.dtype)
+
+
+def free_safety(tau: float, budget: float) -> float:
+    """Tax-free safety B√(1 − τ) (Cor 4.4, eq. 5): the best gain at zero capability cost."""
+    t = _finite_float("tau", tau)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"tau must be a tax rate in [0, 1], got {t}")
+    return _budget(budget) * math.sqrt(1.0 - t)
+
+
+def whiten(v: torch.Tensor, C: torch.Tensor, fisher_diag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Change of variables for an anisotropic budget δᵀFδ ≤ B² with diagonal F (§4.4).
+
+    In whitened coordinates δ̃ = F^{1/2}δ the budget is the Euclidean ball, and the
+    directions become ṽ = F^{-1/2}v/‖F^{-1/2}v‖ and c̃_i = F^{-1/2}c_i/‖F^{-1/2}c_i‖; every
+    result of this module then applies to (ṽ, C̃) with the whitened angles.
+
+    Args:
+        v: safety direction, shape (d,).
+        C: capability directions, shape (d, m); no zero column.
+        fisher_diag: the diagonal of F, shape (d,), strictly positive.
+
+    Returns:
+        ``(v_tilde, C_tilde)``, unit vectors, in ``v``'s dtype.
+    """
+    v64 = _vector("v", v)
+    d = v64.shape[0]
+    C64 = _matrix("C", C, d)
+    f = _vector("fisher_diag", fisher_diag)
+    if f.shape[0] != d:
+        raise ValueError(f"fisher_diag has dimension {f.shape[0]} but v has dimension {d}")
+    if float(f.min()) <= 0:
+        raise ValueError("fisher_diag must be strictly positive (F must be positive definite)")
+    inv_sqrt = f.rsqrt()
+    vt = v64 * inv_sqrt
+    Ct = C64 * inv_sqrt[:, None]
+    norms = Ct.norm(dim=0)
+    zero = (norms == 0).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"C has zero columns {zero}; cannot whiten a zero direction")
+    return (vt / vt.norm()).to(v.dtype), (Ct / norms).to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# safety-safety tradeoffs (§6)
+# --------------------------------------------------------------------------------------
+
+
+def partial_correlation(rho: float, a: float, b: float) -> float:
+    """Effective correlation of two safety directions under capability preservation (eq. 12).
+
+    cos θ = (ρ − ab) / √((1 − a²)(1 − b²)), the partial correlation of v₁*, v₂* given c
+    (Thm 6.1, Remark 6.2), with ρ = ⟨v₁*, v₂*⟩, a = ⟨c, v₁*⟩, b = ⟨c, v₂*⟩ for unit vectors.
+
+    Raises ValueError if |a| or |b| is 1 (a safety direction inside the capability line, so
+    its projection vanishes) or if (ρ, a, b) cannot be inner products of three unit vectors
+    (their Gram matrix would not be positive semidefinite).
+    """
+    r, x, y = (_finite_float(n, val) for n, val in (("rho", rho), ("a", a), ("b", b)))
+    for name, val in (("rho", r), ("a", x), ("b", y)):
+        if abs(val) > 1:
+            raise ValueError(f"{name} is an inner product of unit vectors and must be in [-1, 1], got {val}")
+    for name, val in (("a", x), ("b", y)):
+        if abs(val) >= 1:
+            raise ValueError(
+                f"|{name}| = 1: that safety direction lies on the capability line and has no projection"
+            )
+    det = 1 - r * r - x * x - y * y + 2 * r * x * y
+    if det < -1e-12:
+        raise ValueError(
+            f"rho={r}, a={x}, b={y} are not the inner products of three unit vectors (Gram determinant {det:.3g} < 0)"
+        )
+    value = (r - x * y) / math.sqrt((1 - x * x) * (1 - y * y))
+    return min(max(value, -1.0), 1.0)
+
+
+def effective_angle(v1: torch.Tensor, v2: torch.Tensor, C: torch.Tensor) -> float:
+    """Effective angle θ between two safety directions when all of C is preserved (Prop 6.5).
+
+    cos θ = (ρ − aᵀ(CᵀC)⁺b) / √((1 − τ₁)(1 − τ₂)), eq. 15, with a = Cᵀv̂₁, b = Cᵀv̂₂ and
+    τ_i the tax rates of v̂_i against C. For a single unit column this is eq. 12 (Thm 6.1).
+
+    Returns:
+        θ in radians, in [0, π].
+    """
+    v1_64 = _vector("v1", v1)
+    v2_64 = _vector("v2", v2)
+    if v2_64.shape != v1_64.shape:
+        raise ValueError(
+            f"v1 and v2 must have the same shape, got {tuple(v1_64.shape)} and {tuple(v2_64.shape)}"
+        )
+    C64 = _matrix("C", C, v1_64.shape[0])
+    u1 = v1_64 / v1_64.norm()
+    u2 = v2_64 / v2_64.norm()
+    G_pinv = _pinv_psd(C64.T @ C64)
+    a = C64.T @ u1
+    b = C64.T @ u2
+    tau1 = float(a @ G_pinv @ a)
+    tau2 = float(b @ G_pinv @ b)
+    for name, tau in (("v1", tau1), ("v2", tau2)):
+        if 1.0 - tau <= math.sqrt(GRAM_RTOL):
+            raise ValueError(
+                f"{name} lies in span(C): preserving C leaves it no direction, so θ is undefined"
+            )
+    cos_theta = (float(u1 @ u2) - float(a @ G_pinv @ b)) / math.sqrt((1.0 - tau1) * (1.0 - tau2))
+    return math.acos(min(max(cos_theta, -1.0), 1.0))
+
+
+def max_equal_improvement(theta: float) -> float:
+    """Largest equal normalised gain s₁ = s₂ on the safety–safety frontier: cos(θ/2) (Cor 6.3)."""
+    t = _finite_float("theta", theta)
+    if not 0.0 <= t <= math.pi:
+        raise ValueError(f"theta must be an angle in [0, pi] radians, got {t}")
+    return math.cos(t / 2.0)
+
+
+@dataclass(frozen=True)
+class ConflictEffect:
+    """How preserving one capability changes a safety–safety conflict (Thm 6.4).
+
+    Attributes:
+        rho: ⟨v̂₁, v̂₂⟩, the correlation without preserving c.
+        a: ⟨ĉ, v̂₁⟩.
+        b: ⟨ĉ, v̂₂⟩.
+        preserved: the partial correlation (eq. 12) when c is held fixed.
+        case: which case of Thm 6.4 applies: ``"opposite_sign"`` (case 1, ab < 0: preserving
+            c strictly helps), ``"symmetric"`` (case 2, a = b: preserving weakly hurts),
+            ``"asymmetric_same_sign"`` (case 3, ab > 0, a ≠ b: may help as a suppressor), or
+            ``"orthogonal"`` (ab = 0, outside the theorem's cases).
+        helps: whether preserving c raises the correlation (preserved > rho), computed, not
+            read off the case: case 1's proof in the paper divides ρ − ab by a factor < 1,
+            which raises the value only when ρ − ab ≥ 0. With ρ − ab < 0 (for example
+            ρ = −0.5, a = −0.125, b = 0.5) preserving c *lowers* the correlation.
+    """
+
+    rho: float
+    a: float
+    b: float
+    preserved: float
+    case: Literal["opposite_sign", "symmetric", "asymmetric_same_sign", "orthogonal"]
+    helps: bool
+
+
+def conflict_effect(v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor) -> ConflictEffect:
+    """Safety–safety correlation with and without preserving capability ``c`` (Thm 6.4).
+
+    Args:
+        v1, v2: safety directions (e.g. harmlessness, helpfulness), shape (d,).
+        c: one capability direction, shape (d,).
+    """
+    u1 = _vector("v1", v1)
+    u2 = _vector("v2", v2)
+    cc = _vector("c", c)
+    if not (u1.shape == u2.shape == cc.shape):
+        raise ValueError(
+            f"v1, v2 and c must have the same shape, got {tuple(u1.shape)}, {tuple(u2.shape)}, {tuple(cc.shape)}"
+        )
+    u1, u2, cc = u1 / u1.norm(), u2 / u2.norm(), cc / cc.norm()
+    rho, a, b = float(u1 @ u2), float(cc @ u1), float(cc @ u2)
+    preserved = partial_correlation(min(max(rho, -1.0), 1.0), a, b)
+    tol = 1e-12
+    if abs(a * b) <= tol:
+        case = "orthogonal"
+    elif a * b < 0:
+        case = "opposite_sign"
+    elif math.isclose(a, b, rel_tol=1e-9, abs_tol=tol):
+        case = "symmetric"
+    else:
+        case = "asymmetric_same_sign"
+    return ConflictEffect(rho=rho, a=a, b=b, preserved=preserved, case=case, helps=preserved > rho)
+
+
+# --------------------------------------------------------------------------------------
+# the per-step solvers the trainer calls
+# --------------------------------------------------------------------------------------
+
+
+def _gram(name: str, gram: object) -> torch.Tensor:
+    G = _check_tensor(name, gram)
+    if G.dim() != 2 or G.shape[0] != G.shape[1] or G.shape[0] < 1:
+        raise ValueError(
+            f"{name} must be a square (m+1)x(m+1) Gram matrix of [u, c_1..c_m], got {tuple(G.shape)}"
+        )
+    G = G.detach().to(torch.float64)
+    G = 0.5 * (G + G.T)
+    if float(torch.diagonal(G).min()) < 0:
+        raise ValueError(f"{name} has a negative diagonal entry: it is not a Gram matrix")
+    return G
+
+
+def nullspace_coefficients(gram: torch.Tensor) -> torch.Tensor:
+    """Coefficients of the plain null-space update P_{C⊥}u (Thm 4.3 with δ_C = 0, unscaled).
+
+    With G the Gram matrix of [u, c_1, …, c_m], P_{C⊥}u = u − Σ w_i c_i where
+    w = (G_CC)⁺ G_Cu. Works on the Gram matrix alone, so its cost does not depend on the
+    model's size; dependent or zero c_i are handled by the pseudo-inverse.
+
+    Returns:
+        float64 tensor a of shape (m+1,) with a_0 = 1 and a_i = −w_i, so that
+        P_{C⊥}u = a_0 u + Σ a_i c_i.
+    """
+    G = _gram("gram", gram)
+    coeffs = torch.zeros(G.shape[0], dtype=torch.float64)
+    coeffs[0] = 1.0
+    if G.shape[0] > 1:
+        coeffs[1:] = -(_pinv_psd(G[1:, 1:]) @ G[1:, 0])
+    return coeffs
+
+
+def _span_coordinates(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An isometry between span(columns) and R^r computed from their Gram matrix alone.
+
+    Returns (M, Z): Z[:, j] are the coordinates of column j in an orthonormal basis of the
+    span, and coefficients for a point z are M @ z (min-norm coefficients).
+    """
+    evals, evecs = torch.linalg.eigh(G)
+    keep = evals > GRAM_RTOL * max(float(evals.max()), 0.0)
+    lam, V = evals[keep], evecs[:, keep]
+    Z = lam.sqrt()[:, None] * V.T  # coordinates of the columns
+    M = V / lam.sqrt()[None, :]  # z -> coefficients
+    return M, Z
+
+
+def solve_frontier_step(gram: torch.Tensor, tolerances: torch.Tensor | list[float]) -> torch.Tensor:
+    """Exact frontier step on the Gram matrix of [u, c_1, …, c_m] (Thm 4.1/4.3 made operational).
+
+    Solves  max_δ ⟨u, δ⟩  s.t.  ‖δ‖ ≤ ‖u‖  and  ⟨c_i/‖c_i‖, δ⟩ ≥ −ε_i‖u‖  for every finite ε_i,
+    over δ = a_0 u + Σ a_i c_i. Here u is the proposed (raw) update and c_i are capability
+    *ascent* directions, so ε_i bounds how much capability i may fall per unit of step; a
+    capability gain is never blocked.
+
+    Method (exact, finite): the problem is convex (a ball cut by half-spaces), so a point is
+    optimal iff it satisfies KKT. For an active set A of constraints held at equality the
+    optimum is Thm 4.3's closed form — the min-norm point z_A meeting the equalities plus the
+    residual budget √(R² − ‖z_A‖²) along the part of u orthogonal to span(c_A) — with
+    multipliers from the stationarity condition. Active sets of linearly independent
+    constraints are enumerated by increasing size and the first one meeting KKT (primal
+    feasibility, λ ≥ 0) is returned; conic Carathéodory guarantees one exists. The work is on
+    the (m+1)² Gram matrix only, so it does not grow with the model.
+
+    Zero c_i are skipped (their constraint 0 ≥ −ε_i‖u‖ always holds); parallel and dependent
+    c_i are handled by the independence rule. With every ε_i = inf the result is u itself.
+
+    Args:
+        gram: (m+1)×(m+1) Gram matrix of [u, c_1, …, c_m].
+        tolerances: m values ε_i ≥ 0; ``float('inf')`` leaves a task unconstrained.
+
+    Returns:
+        float64 coefficients a of shape (m+1,).
+    """
+    G = _gram("gram", gram)
+    m = G.shape[0] - 1
+    eps = torch.as_tensor(tolerances, dtype=torch.float64).flatten()
+    if eps.numel() != m:
+        raise ValueError(
+            f"tolerances must have one entry per capability direction: expected {m}, got {eps.numel()}"
+        )
+    if torch.isnan(eps).any() or (eps < 0).any():
+        raise ValueError(f"tolerances must be >= 0 (or inf for an unconstrained task); got {eps.tolist()}")
+    coeffs = torch.zeros(m + 1, dtype=torch.float64)
+    coeffs[0] = 1.0
+    u_norm2 = float(G[0, 0])
+    if u_norm2 <= 0.0:
+        return torch.zeros(m + 1, dtype=torch.float64)  # no proposed step: nothing to do
+    # Scale so that ‖u‖ = 1: coefficients are invariant, and every tolerance below is relative.
+    G = G / u_norm2
+    R = 1.0
+    c_norm = torch.diagonal(G)[1:].clamp_min(0).sqrt()
+    constrained = [
+        i for i in range(m) if math.isfinite(float(eps[i])) and float(c_norm[i]) > math.sqrt(GRAM_RTOL)
+    ]
+    if not constrained:
+        return coeffs
+
+    M, Z = _span_coordinates(G)
+    u_bar = Z[:, 0]
+    normals = {i: Z[:, i + 1] / float(c_norm[i]) for i in constrained}
+    rhs = {i: -float(eps[i]) * R for i in constrained}
+    feas_tol = 1e-10 * R
+    dual_tol = 1e-10
+
+    def feasible(z: torch.Tensor) -> bool:
+        return all(float(normals[i] @ z) >= rhs[i] - feas_tol for i in constrained)
+
+    if feasible(u_bar):
+        return coeffs
+
+    r = Z.shape[0]
+    for size in range(1, min(len(constrained), r) + 1):
+        for active in itertools.combinations(constrained, size):
+            N = torch.stack([normals[i] for i in active])  # (k, r)
+            if int(torch.linalg.matrix_rank(N, rtol=1e-9)) < size:
+                continue
+            h = torch.tensor([rhs[i] for i in active], dtype=torch.float64)
+            NNt_inv = torch.linalg.inv(N @ N.T)
+            z_a = N.T @ (NNt_inv @ h)  # min-norm point with N z = h
+            slack = R * R - float(z_a @ z_a)
+            if slack < -feas_tol * R:
+                continue
+            u_perp = u_bar - N.T @ (NNt_inv @ (N @ u_bar))
+            perp_norm = float(u_perp.norm())
+            if perp_norm > 1e-12 * R:
+                t = math.sqrt(max(slack, 0.0))
+                z = z_a + t * u_perp / perp_norm
+                two_mu = perp_norm / t if t > 0 else math.inf
+                if not math.isfinite(two_mu):
+                    continue  # budget exhausted by the equalities alone; a larger set decides
+                # stationarity: u_bar + Nᵀλ = 2μ z  ->  λ = (NNᵀ)⁻¹ N (2μ z − u_bar)
+                lam = NNt_inv @ (N @ (two_mu * z - u_bar))
+            else:
+                z = z_a  # u lies in span(c_A): the objective is flat off the equalities
+                lam = NNt_inv @ (N @ (-u_bar))
+            if float(lam.min()) < -dual_tol:
+                continue
+            if not feasible(z):
+                continue
+            return M @ z
+    raise RuntimeError("solve_frontier_step found no KKT point; the Gram matrix is numerically inconsistent")
+
+
+# --------------------------------------------------------------------------------------
+# regimes and scaling (§5, §9.3)
+# --------------------------------------------------------------------------------------
+
+
+def regime(tau: float, free_max: float = FREE_MAX_TAU, entangled_min: float = ENTANGLED_MIN_TAU) -> Regime:
+    """Taxonomy of §9.3 from a tax rate τ = cos²α.
+
+    ``"free"`` if τ < ``free_max`` (α near π/2: safety nearly orthogonal to capability),
+    ``"entangled"`` if τ > ``entangled_min`` (α near 0: one-to-one tradeoff), else
+    ``"tradeoff"``. Defaults: :data:`FREE_MAX_TAU` = 0.05, :data:`ENTANGLED_MIN_TAU` = 0.95.
+    """
+    t = _finite_float("tau", tau)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"tau must be a tax rate in [0, 1], got {t}")
+    if not 0.0 <= free_max <= entangled_min <= 1.0:
+        raise ValueError(f"need 0 <= free_max <= entangled_min <= 1, got {free_max}, {entangled_min}")
+    if t < free_max:
+        return "free"
+    if t > entangled_min:
+        return "entangled"
+    return "tradeoff"
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """Least-squares fit of τ(d) = τ₀ + k/d (Thm 5.4), with standard errors.
+
+    ``tau0`` is the irreducible tax (the plateau), ``k`` the packing coefficient (≈ m′ under
+    random packing, Prop 5.5). Standard errors are NaN when there are only two points.
+    """
+
+    tau0: float
+    k: float
+    tau0_stderr: float
+    k_stderr: float
+    residual_std: float
+    n: int
+
+
+def fit_scaling_law(dims: list[float] | torch.Tensor, taus: list[float] | torch.Tensor) -> ScalingFit:
+    """Fit τ(d) = τ₀ + k/d by ordinary least squares on x = 1/d (Thm 5.4, Prop 5.5).
+
+    Args:
+        dims: model dimensions d > 0 (at least two distinct values).
+        taus: measured tax rates in [0, 1], one per dimension.
+    """
+    d = torch.as_tensor(dims, dtype=torch.float64).flatten()
+    t = torch.as_tensor(taus, dtype=torch.float64).flatten()
+    if d.numel() != t.numel():
+        raise ValueError(f"dims and taus must have the same length, got {d.numel()} and {t.numel()}")
+    if d.numel() < 2 or torch.unique(d).numel() < 2:
+        raise ValueError("dims needs at least two distinct model dimensions to fit tau0 + k/d")
+    if not torch.isfinite(d).all() or (d <= 0).any():
+        raise ValueError("dims must be finite and > 0")
+    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+        raise ValueError("taus must be tax rates in [0, 1]")
+    X = torch.stack([torch.ones_like(d), 1.0 / d], dim=1)
+    beta = torch.linalg.lstsq(X, t.unsqueeze(1)).solution.squeeze(1)
+    resid = t - X @ beta
+    n = d.numel()
+    if n > 2:
+        sigma2 = float(resid @ resid) / (n - 2)
+        cov = sigma2 * torch.linalg.inv(X.T @ X)
+        se0, se1 = math.sqrt(max(float(cov[0, 0]), 0.0)), math.sqrt(max(float(cov[1, 1]), 0.0))
+        res_std = math.sqrt(sigma2)
+    else:
+        se0 = se1 = res_std = math.nan
+    return ScalingFit(
+        tau0=float(beta[0]), k=float(beta[1]), tau0_stderr=se0, k_stderr=se1, residual_std=res_std, n=n
+    )
