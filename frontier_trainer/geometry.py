@@ -49,6 +49,7 @@ __all__ = [
     "solve_frontier_step",
     "task_tax_rates",
     "tax_rate",
+    "tax_rate_from_gram",
     "whiten",
 ]
 
@@ -164,6 +165,20 @@ def tax_rate(v: torch.Tensor, C: torch.Tensor) -> float:
     a = C64.T @ v64
     tau = float(a @ _pinv_psd(C64.T @ C64) @ a) / float(v64 @ v64)
     return min(max(tau, 0.0), 1.0)
+
+
+def tax_rate_from_gram(gram: torch.Tensor) -> float:
+    """τ of the first vector against the span of the others, from their Gram matrix alone.
+
+    The same Gram form as :func:`tax_rate` (Remark 4.6), for callers that hold inner products
+    rather than vectors (the trainer's per-step Gram matrix of [u, c_1, …, c_m]). Returns 0 for
+    a zero first vector or when every other vector is zero.
+    """
+    G = _gram("gram", gram)
+    if G.shape[0] < 2 or float(G[0, 0]) <= 0 or float(torch.diagonal(G)[1:].max()) <= 0:
+        return 0.0
+    a = G[1:, 0]
+    return min(max(float(a @ _pinv_psd(G[1:, 1:]) @ a) / float(G[0, 0]), 0.0), 1.0)
 
 
 def task_tax_rates(v: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

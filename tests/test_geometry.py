@@ -550,3 +550,14 @@ def test_nullspace_coefficients_are_exact(seed: int, kind: str) -> None:
 def test_bad_input_names_the_argument(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4))
+def test_tax_rate_from_gram_matches_tax_rate(seed: int, m: int) -> None:
+    rng = rng_from(seed)
+    v, C = rng.normal(size=9), rng.normal(size=(9, m))
+    W = np.concatenate([v[:, None], C], axis=1)
+    assert g.tax_rate_from_gram(torch.tensor(W.T @ W)) == pytest.approx(
+        g.tax_rate(torch.tensor(v), torch.tensor(C)), abs=1e-10
+    )
