@@ -1,0 +1,157 @@
+"""FrontierDPOConfig: TRL's DPOConfig plus the knobs of the frontier projection.
+
+Every new knob is a documented dataclass field, so TRL's parser (``TrlParser`` / HfArgumentParser),
+YAML recipes and any script that builds ``Trainer(model=..., args=cfg, ...)`` keep working.
+Fields that take a mapping accept a dict in Python and YAML, and a JSON string (or
+``task=value,task=value``) on the command line, which ``__post_init__`` parses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import DPOConfig
+
+PROJECTIONS = ("none", "nullspace", "frontier")
+
+
+def _parse_mapping(name: str, value: Any) -> dict[str, Any] | None:
+    """Accept a dict, a JSON object string, or ``k=v,k=v``; return a dict (or None)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{name}: could not parse {value!r} as a JSON object ({err})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"{name} must be a mapping, got {value!r}")
+            return parsed
+        out: dict[str, Any] = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(
+                    f"{name}: expected 'task=value[,task=value...]' or a JSON object, got {value!r}"
+                )
+            if key.strip() in out:
+                raise ValueError(f"{name}: task {key.strip()!r} is named twice")
+            out[key.strip()] = val.strip()
+        return out
+    raise ValueError(
+        f"{name} must be a mapping (dict, JSON string or 'task=value,...'), got {type(value).__name__}"
+    )
+
+
+def _tolerance(name: str, value: Any) -> float:
+    try:
+        tol = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0 or 'inf', got {value!r}") from None
+    if math.isnan(tol) or tol < 0:
+        raise ValueError(f"{name} must be >= 0 (or inf for no constraint), got {value!r}")
+    return tol
+
+
+def _parse_tolerance(value: Any) -> float | dict[str, float] | None:
+    """A number (or numeric string such as 'inf') for every task, or a mapping {task: number}."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else _tolerance("capability_tolerance", value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None  # not a single number: a mapping string (or an error from _parse_mapping)
+        if number is not None:
+            return _tolerance("capability_tolerance", number)
+    mapping = _parse_mapping("capability_tolerance", value)
+    if mapping is None:
+        return None
+    return {task: _tolerance(f"capability_tolerance[{task!r}]", v) for task, v in mapping.items()}
+
+
+@dataclass
+class FrontierDPOConfig(DPOConfig):
+    """Configuration for :class:`~frontier_trainer.FrontierDPOTrainer`.
+
+    All of :class:`trl.DPOConfig`, plus the fields below.
+    """
+
+    projection: str = field(
+        default="nullspace",
+        metadata={
+            "help": "How each optimizer update is constrained: 'none' (bitwise plain DPO), 'nullspace' (move "
+            "only in the null space of the capability directions, Thm 4.3 with δ_C = 0), or 'frontier' "
+            "(the best safety step with per-task capability loss at most capability_tolerance, Thm 4.1/4.3).",
+            "choices": list(PROJECTIONS),
+        },
+    )
+    capability_tolerance: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Frontier mode: ε_i, the largest allowed capability loss per step in units of the step norm "
+            "(⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖). A number for every task or a mapping {task: number}; 'inf' leaves a task "
+            "unconstrained; tasks not in the mapping get 0. Default 0 (no capability loss to first order)."
+        },
+    )
+    capability_datasets: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Capability data {task: source}; a source is a local .json/.jsonl/.csv/.parquet file, a "
+            "local dataset directory, or a hub dataset name. Rows are prompt/completion or text. The "
+            "trainer's capability_datasets keyword overrides this."
+        },
+    )
+    capability_refresh_steps: int = field(
+        default=10, metadata={"help": "Re-estimate capability directions every this many optimizer steps."}
+    )
+    capability_batch_size: int = field(
+        default=8, metadata={"help": "Rows per task in each capability batch used to estimate a direction."}
+    )
+    capability_max_length: int = field(
+        default=512, metadata={"help": "Capability rows longer than this many tokens are dropped."}
+    )
+    capability_ema: float = field(
+        default=0.0,
+        metadata={"help": "Direction smoothing: new = ema·old + (1−ema)·fresh; 0 uses the fresh gradient."},
+    )
+    capability_rank: int = field(
+        default=1,
+        metadata={
+            "help": "Directions kept per task: the gradients of this many disjoint capability batches."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
+        self.capability_tolerance = _parse_tolerance(self.capability_tolerance)
+        for name in (
+            "capability_refresh_steps",
+            "capability_batch_size",
+            "capability_max_length",
+            "capability_rank",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= float(self.capability_ema) < 1.0:
+            raise ValueError(f"capability_ema must be in [0, 1), got {self.capability_ema!r}")
+
+    def tolerance_for(self, task: str) -> float:
+        """ε for one task: the scalar, the mapping's entry, or 0 when absent."""
+        tol = self.capability_tolerance
+        if tol is None:
+            return 0.0
+        if isinstance(tol, dict):
+            return float(tol.get(task, 0.0))
+        return float(tol)
