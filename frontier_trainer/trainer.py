@@ -156,8 +156,14 @@ class FrontierDPOTrainer(DPOTrainer):
                 f"optim={optim!r} updates parameters inside backward (or swaps them around evaluation), so the "
                 "realised update is invisible to the projection. Use a step-based optimizer such as adamw_torch."
             )
-        ckpt_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
-        if getattr(args, "gradient_checkpointing", False) and ckpt_kwargs.get("use_reentrant", False):
+        # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; read both
+        ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        ckpt_kwargs = (
+            getattr(args, "activation_checkpointing_kwargs", None)
+            or getattr(args, "gradient_checkpointing_kwargs", None)
+            or {}
+        )
+        if ckpt_on and ckpt_kwargs.get("use_reentrant", False):
             raise ValueError(
                 "gradient_checkpointing_kwargs={'use_reentrant': True} breaks torch.autograd.grad, which the "
                 "capability directions need. Use {'use_reentrant': False} (the transformers default)."
