@@ -1,0 +1,70 @@
+"""Run under ``torchrun --nproc_per_node 2``: FrontierDPOTrainer on CPU/gloo DDP.
+
+Writes ``rank<r>.json`` with a SHA-256 of the trainable parameters after every optimizer step
+(and the measured leak), so the test can check that both replicas stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_tokenizer, capability_datasets, preference_dataset
+
+from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+
+
+def main() -> None:
+    model_dir, out_dir, projection = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    rank = int(os.environ.get("RANK", "0"))
+    records: list[dict] = []
+
+    class Recording(FrontierDPOTrainer):
+        def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+            super()._after_optimizer_step(optimizer, args, kwargs)
+            params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+            digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
+            records.append({"step": self.state.global_step, "sha256": digest, "leak": self._last_report.realised_leak})
+
+    args = FrontierDPOConfig(
+        output_dir=str(out_dir / "run"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        ddp_backend="gloo",
+        projection=projection,
+        capability_tolerance=0.05,
+        capability_refresh_steps=2,
+        capability_batch_size=4,
+        seed=0,
+    )
+    trainer = Recording(
+        model=model_dir,
+        args=args,
+        train_dataset=preference_dataset(32),
+        processing_class=build_tokenizer(),
+        capability_datasets=capability_datasets(),
+    )
+    assert trainer.args.world_size == 2, f"expected 2 processes, got {trainer.args.world_size}"
+    trainer.train()
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(records))
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()
