@@ -128,6 +128,11 @@ class UpdateProjector:
                 gram[i, j] = gram[j, i] = _dot(checked[i], checked[j])
         self._direction_gram = gram
 
+    def clear_directions(self) -> None:
+        """Drop the current directions (their memory is freed once no one else holds them)."""
+        self.directions = []
+        self._direction_gram = torch.zeros(0, 0, dtype=torch.float64)
+
     # ------------------------------------------------------------------ step hooks
 
     @torch.no_grad()

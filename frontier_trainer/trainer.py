@@ -90,6 +90,7 @@ class FrontierDPOTrainer(DPOTrainer):
         self._hook_handles: list[Any] = []
         self._last_report: StepReport | None = None
         self._directions_step: int | None = None
+        self._projection_seconds = 0.0
         if sources:
             # Load, validate and tokenise now: every bad-input error comes before training.
             self.capability_sampler = build_capability_sampler(
@@ -215,15 +216,19 @@ class FrontierDPOTrainer(DPOTrainer):
         refresh = self.args.capability_refresh_steps
         if self.projector.num_directions == 0 or (step % refresh == 0 and self._directions_step != step):
             self.refresh_directions()
+        start = time.perf_counter()
         self.projector.before_step()
+        self._projection_seconds = time.perf_counter() - start
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self.projector is not None
+        start = time.perf_counter()
         report = self.projector.after_step(measure=True)
         if report is None:
             return
         self._last_report = report
         metrics = self._metrics["train"]
+        metrics["frontier/projection_seconds"].append(self._projection_seconds + time.perf_counter() - start)
         metrics["frontier/raw_tax_rate"].append(report.raw_tax_rate)
         metrics["frontier/fraction_removed"].append(report.fraction_removed)
         metrics["frontier/safety_retained"].append(report.safety_retained)
@@ -252,6 +257,10 @@ class FrontierDPOTrainer(DPOTrainer):
         params = self.projector.params
         ema = float(self.args.capability_ema)
         old = self.projector.directions
+        if ema == 0:
+            # drop the previous directions before computing new ones: peak stays (k+1)x parameters
+            self.projector.clear_directions()
+            old = []
         fresh: list[list[torch.Tensor]] = []
         metrics = self._metrics["train"]
         for t_index, task in enumerate(self.capability_tasks):

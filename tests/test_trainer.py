@@ -307,7 +307,7 @@ def conversational(implicit: bool) -> Dataset:
 
 
 @pytest.mark.parametrize(
-    "variant", ["conversational", "implicit_prompt", "ref_model", "precompute", "iterable"]
+    "variant", ["conversational", "implicit_prompt", "ref_model", "precompute", "iterable", "bf16_autocast"]
 )
 def test_drop_in_variants_stay_exact(model_dir: Path, tmp_path: Path, variant: str) -> None:
     kwargs: dict[str, Any] = {}
@@ -323,6 +323,8 @@ def test_drop_in_variants_stay_exact(model_dir: Path, tmp_path: Path, variant: s
         kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(model_dir)
     elif variant == "precompute":
         overrides["precompute_ref_log_probs"] = True
+    elif variant == "bf16_autocast":  # bf16 autocast over fp32 master weights (CPU autocast here)
+        overrides["bf16"] = True
     elif variant == "iterable":
         rows = preference_rows()
         train = IterableDataset.from_generator(lambda: iter(rows))
