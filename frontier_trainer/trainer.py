@@ -91,6 +91,9 @@ class FrontierDPOTrainer(DPOTrainer):
         self._last_report: StepReport | None = None
         self._directions_step: int | None = None
         self._projection_seconds = 0.0
+        #: Largest number of bytes held at once by the projection state (snapshot and directions,
+        #: including fresh directions during a refresh), counted from the tensors themselves.
+        self.peak_state_bytes = 0
         if sources:
             # Load, validate and tokenise now: every bad-input error comes before training.
             self.capability_sampler = build_capability_sampler(
@@ -219,6 +222,7 @@ class FrontierDPOTrainer(DPOTrainer):
         start = time.perf_counter()
         self.projector.before_step()
         self._projection_seconds = time.perf_counter() - start
+        self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self.projector is not None
@@ -278,6 +282,9 @@ class FrontierDPOTrainer(DPOTrainer):
                     fresh.append(old[j])
                 else:
                     fresh.append(grads)
+                held = _tensor_bytes(fresh) + _tensor_bytes(old[len(fresh) :])
+                held += self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
+                self.peak_state_bytes = max(self.peak_state_bytes, held)
             metrics[f"frontier/capability_loss/{task}"].append(-sum(values) / len(values))
         self.projector.set_directions(fresh)
         self._directions_step = self.state.global_step
@@ -318,6 +325,10 @@ class FrontierDPOTrainer(DPOTrainer):
         self._directions_step = state["directions_step"]
         if state["sampler"] is not None and self.capability_sampler is not None:
             self.capability_sampler.load_state_dict(state["sampler"])
+
+
+def _tensor_bytes(groups: list[list[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for group in groups for t in group)
 
 
 def _as_frontier_config(args: DPOConfig | None, model: Any) -> FrontierDPOConfig:

@@ -163,6 +163,10 @@ def test_nullspace_update_is_orthogonal_to_every_direction(
     # the trainer's own leak metric agrees with the independent measurement
     logged = [h["frontier/leak/copy"] for h in trainer.state.log_history if "frontier/leak/copy" in h]
     assert len(logged) == 5 and max(logged) <= 1e-5
+    # memory floor: a snapshot plus k directions, never more at once
+    param_bytes = sum(p.numel() * p.element_size() for p in trainable(trainer))
+    k = trainer.projector.num_directions
+    assert trainer.peak_state_bytes == (k + 1) * param_bytes
 
 
 def test_projecting_the_gradient_instead_is_not_exact(model_dir: Path, tmp_path: Path) -> None:
