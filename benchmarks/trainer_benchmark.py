@@ -135,7 +135,7 @@ def summarise(name: str, base: dict[str, float], after: dict[str, float], tasks:
 
 def quality(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     model, tok = lab.load(model_dir)
-    tasks = [t.name for t in lab.TASKS]
+    tasks = list(lab.TASKS)
     base = evaluate(model, tok, args.eval_examples)
     rows = []
     methods: list[tuple[str, str, float | None]] = [
@@ -250,6 +250,8 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(f"{row['accuracy_change'][t]:+.2f}" for t in tasks)
             + " |"
         )
+    if "cost" not in result:
+        return "\n".join(lines)
     c = result["cost"]
     lines += [
         "",
@@ -277,12 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost-tasks", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.cost_tasks is None:
-        args.cost_tasks = [t.name for t in lab.TASKS][:2]
+        args.cost_tasks = list(lab.TASKS)[:2]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model_dir = lab.pretrain()
     result: dict[str, Any] = {
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_quality:
         result["quality"] = quality(model_dir, args, out / "runs")
         plot(result["quality"], out / "frontier.png")
-    result["cost"] = cost(model_dir, args, out / "runs")
+    if not args.skip_cost:
+        result["cost"] = cost(model_dir, args, out / "runs")
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     if "quality" in result:
         (out / "results.md").write_text(markdown(result) + "\n")

@@ -129,17 +129,46 @@ class FrontierDPOConfig(DPOConfig):
         },
     )
 
+    degradation_tracking: bool = field(
+        default=True,
+        metadata={
+            "help": "Log predicted (first-order, from pre-alignment τ_i) versus observed per-task capability "
+            "degradation (Prediction 1, §8) to wandb and output_dir/degradation. Needs capability_datasets."
+        },
+    )
+    capability_eval_datasets: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out {task: source} sets on which the observed change of f_i is measured; every task "
+            "must be a capability task. None: observed degradation is not measured (predictions still logged)."
+        },
+    )
+    degradation_eval_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Measure predicted/observed degradation every this many optimizer steps (and at the end)."
+        },
+    )
+    safety_direction_batches: int = field(
+        default=4, metadata={"help": "Training batches averaged into the step-0 safety direction (−∇L_DPO)."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
+        self.capability_eval_datasets = _parse_mapping(
+            "capability_eval_datasets", self.capability_eval_datasets
+        )
         self.capability_tolerance = _parse_tolerance(self.capability_tolerance)
         for name in (
             "capability_refresh_steps",
             "capability_batch_size",
             "capability_max_length",
             "capability_rank",
+            "degradation_eval_steps",
+            "safety_direction_batches",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -352,7 +352,9 @@ class DegradationCallback(TrainerCallback):
         and token count it updates, so nothing of this measurement reaches the training logs.
         """
         t = self.trainer
-        dataset = t._remove_unused_columns(t.train_dataset, description="safety direction")
+        dataset = t.train_dataset
+        if getattr(dataset, "column_names", None) is not None:  # an IterableDataset may not know its columns
+            dataset = t._remove_unused_columns(dataset, description="safety direction")
         bs = t.args.per_device_train_batch_size
         n = self.safety_batches * bs
         if hasattr(dataset, "__len__"):

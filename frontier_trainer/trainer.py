@@ -38,6 +38,7 @@ from frontier_trainer.directions import (
     completion_metric,
 )
 from frontier_trainer.projection import StepReport, UpdateProjector
+from frontier_trainer.tracking import DegradationCallback
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class FrontierDPOTrainer(DPOTrainer):
             Rows are ``prompt``/``completion`` (the prompt's tokens are masked) or ``text``.
         capability_metrics: optional ``{task: metric(model, batch) -> scalar}``, a differentiable
             metric to use instead of the default mean completion log-likelihood for that task.
+        capability_eval_datasets: held-out ``{task: Dataset or source}`` for the degradation
+            tracker's observed change; overrides ``args.capability_eval_datasets``.
+        degradation_metrics: ``{name: fn(model, tokenizer) -> float}`` user metrics whose change the
+            degradation tracker logs (e.g. the lab's exact-match accuracy).
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class FrontierDPOTrainer(DPOTrainer):
         *pos_args: Any,
         capability_datasets: Mapping[str, Any] | None = None,
         capability_metrics: Mapping[str, MetricFn] | None = None,
+        capability_eval_datasets: Mapping[str, Any] | None = None,
+        degradation_metrics: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         args = _as_frontier_config(args, model)
@@ -103,6 +110,25 @@ class FrontierDPOTrainer(DPOTrainer):
                 batch_size=args.capability_batch_size,
                 seed=args.seed,
             )
+        self.degradation_callback: DegradationCallback | None = None
+        if args.degradation_tracking and sources:
+            evals = (
+                capability_eval_datasets
+                if capability_eval_datasets is not None
+                else args.capability_eval_datasets
+            )
+            self.degradation_callback = DegradationCallback(
+                sources,
+                eval_datasets=evals,
+                metrics=degradation_metrics,
+                eval_steps=args.degradation_eval_steps,
+                safety_batches=args.safety_direction_batches,
+                batch_size=args.capability_batch_size,
+                max_length=args.capability_max_length,
+                seed=args.seed,
+            ).attach(self)
+        elif args.degradation_tracking:
+            logger.info("degradation tracking is off: no capability_datasets to measure τ_i against.")
         if args.projection != "none":
             self._check_setup_after_init()
             params = [p for p in self._unwrapped_model().parameters() if p.requires_grad]
@@ -161,7 +187,9 @@ class FrontierDPOTrainer(DPOTrainer):
                 "realised update is invisible to the projection. Use a step-based optimizer such as adamw_torch."
             )
         # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; read both
-        ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(
+            args, "gradient_checkpointing", False
+        )
         ckpt_kwargs = (
             getattr(args, "activation_checkpointing_kwargs", None)
             or getattr(args, "gradient_checkpointing_kwargs", None)
