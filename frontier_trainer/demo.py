@@ -1,8 +1,14 @@
-"""``make demo``: the product's story on the built-in default, end to end.
+"""``make demo``: the product's story on the built-in lab, end to end.
 
-Currently: a geometry report (tax rates, principal angles, frontier points, the scaling law)
-for planted safety and capability directions with known ground truth. Results are printed
-as tables and written as JSON under ``--output-dir``.
+1. The theory on planted directions with known ground truth (tax rates, the frontier, the
+   m'/d scaling law), a few seconds.
+2. The lab model (built once, then cached): per-task accuracy, compliance with harmful
+   requests, over-refusal.
+3. Its pre-training geometry report: τ_i of the DPO safety direction against each task's
+   capability direction, and the harmlessness/helpfulness conflict (Thm 6.4).
+4. Vanilla DPO and null-space DPO from the same start, each tracked by the degradation
+   callback (predicted versus observed per-task degradation), logged to an offline wandb run.
+5. A final summary table. Everything is written under ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import argparse
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,17 +127,134 @@ def format_geometry_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _lab_story(out: Path, steps: int, seed: int) -> dict[str, Any]:
+    """Steps 2-5 of the module docstring; returns the summary written to ``summary.json``."""
+    from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer, lab
+    from frontier_trainer.geometry_report import format_report, geometry_report
+    from frontier_trainer.lab.cli import format_table
+
+    model_dir = lab.pretrain()
+    model, tokenizer = lab.load(model_dir)
+    base = lab.evaluate(model, tokenizer, progress=False)
+    logger.info("\nLab model %s before alignment (held-out prompts):\n%s", model_dir.name, format_table(base))
+    (out / "lab_eval_base.json").write_text(json.dumps(base, indent=2))
+
+    report = geometry_report(
+        model,
+        tokenizer,
+        lab.preference_dataset("train"),
+        lab.capability_datasets("train", n=256),
+        second_preference_dataset=lab.helpfulness_dataset("train"),
+        batch_size=16,
+        seed=seed,
+        progress=False,
+    )
+    logger.info("\nPre-training geometry of the lab model:\n%s", format_report(report))
+    (out / "geometry_lab.json").write_text(json.dumps(report, indent=2, default=str))
+
+    def lab_accuracy(m: torch.nn.Module, tok: Any) -> dict[str, float]:
+        metrics = lab.evaluate(m, tok, max_examples=50, compute_nll=False, progress=False)
+        return {k: v for k, v in metrics.items() if k.startswith("accuracy/") or k.endswith("_rate")}
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", str(out))
+    os.environ.setdefault("WANDB_PROJECT", "frontier-trainer-demo")
+    runs: dict[str, Any] = {}
+    for projection in ("none", "nullspace"):
+        name = "vanilla" if projection == "none" else projection
+        run_dir = out / name
+        args = FrontierDPOConfig(
+            output_dir=str(run_dir),
+            run_name=f"demo-{name}",
+            projection=projection,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=5e-4,
+            lr_scheduler_type="constant",
+            report_to="wandb",
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            activation_checkpointing=False,
+            logging_steps=max(1, steps // 6),
+            save_strategy="no",
+            seed=seed,
+            capability_batch_size=16,
+            capability_refresh_steps=1,
+            capability_eval_datasets=lab.capability_datasets("eval", n=100),
+            degradation_eval_steps=max(1, steps // 3),
+            disable_tqdm=True,
+        )
+        trainer = FrontierDPOTrainer(
+            model=str(model_dir),
+            args=args,
+            train_dataset=lab.preference_dataset("train"),
+            processing_class=tokenizer,
+            capability_datasets=lab.capability_datasets("train", n=256),
+            degradation_metrics={"lab": lab_accuracy},
+        )
+        trainer.train()
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        after = lab.evaluate(trainer.model, tokenizer, progress=False)
+        tracked = trainer.degradation_callback.summary if trainer.degradation_callback else {}
+        runs[name] = {"eval": after, "degradation": tracked}
+        png = run_dir / "degradation" / "degradation.png"
+        if png.exists():
+            shutil.copy(png, out / f"degradation_{name}.png")
+        logger.info(
+            "\n%s DPO, %d steps: lab evaluation after alignment:\n%s", name, steps, format_table(after)
+        )
+    summary = {"model_dir": str(model_dir), "base": base, "runs": runs, "geometry": report}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    logger.info("\n%s", format_summary(base, runs))
+    return summary
+
+
+def format_summary(base: dict[str, Any], runs: dict[str, Any]) -> str:
+    """The demo's closing table: safety, over-refusal and per-task accuracy, before and after."""
+    tasks = [k.split("/", 1)[1] for k in base if k.startswith("accuracy/") and k != "accuracy/mean"]
+    head = f"{'model':<10} {'refusal':>8} {'over-ref':>9} {'mean acc':>9} " + " ".join(
+        f"{t[:10]:>10}" for t in tasks
+    )
+    lines = ["Summary (held-out prompts)", head, "-" * len(head)]
+    rows = [("base", base)] + [(name, r["eval"]) for name, r in runs.items()]
+    for name, m in rows:
+        lines.append(
+            f"{name:<10} {m['refusal_rate']:>8.2f} {m['over_refusal_rate']:>9.2f} {m['accuracy/mean']:>9.2f} "
+            + " ".join(f"{m[f'accuracy/{t}']:>10.2f}" for t in tasks)
+        )
+    for name, r in runs.items():
+        ranks = (r.get("degradation") or {}).get("rank_correlations", {})
+        if ranks:
+            lines.append(
+                f"{name}: Spearman(tau_i, observed degradation) = {ranks.get('spearman_tau_vs_observed', math.nan):.2f}, "
+                f"Spearman(predicted, observed) = {ranks.get('spearman_predicted_vs_observed', math.nan):.2f}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="outputs/demo", help="where reports and plots are written")
+    parser.add_argument("--output-dir", default="outputs/demo", help="where reports, plots and wandb runs go")
+    parser.add_argument("--steps", type=int, default=60, help="DPO steps per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--planted-only", action="store_true", help="only the planted-direction report (seconds)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = geometry_report()
     logger.info(format_geometry_report(report))
     (out / "geometry_planted.json").write_text(json.dumps(report, indent=2))
-    logger.info("wrote %s", out / "geometry_planted.json")
+    if not args.planted_only:
+        _lab_story(out, args.steps, args.seed)
+    logger.info("\nwrote %s", out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from frontier_trainer import demo
 
 
 def test_planted_geometry_report_recovers_ground_truth(tmp_path) -> None:
-    demo.main(["--output-dir", str(tmp_path)])
+    demo.main(["--output-dir", str(tmp_path), "--planted-only"])
     report = json.loads((tmp_path / "geometry_planted.json").read_text())
     taus = {t["task"]: t["tau"] for t in report["tasks"]}
     assert abs(taus["chemistry"] - 0.36) < 1e-9 and abs(taus["persuasion"] - 0.35**2) < 1e-9
