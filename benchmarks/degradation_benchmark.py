@@ -62,10 +62,9 @@ def run(
         save_strategy="no",
         seed=seed,
         capability_batch_size=16,
-        capability_refresh_steps=5,
+        capability_refresh_steps=1,
+        degradation_tracking=False,  # this script attaches its own callback, with the lab accuracy metric
     )
-    if "degradation_tracking" in {f.name for f in args.__dataclass_fields__.values()}:
-        args.degradation_tracking = False  # this script attaches its own callback
     trainer = FrontierDPOTrainer(
         model=model,
         ref_model=lab.load(model_dir)[0],
