@@ -136,20 +136,27 @@ def summarise(name: str, base: dict[str, float], after: dict[str, float], tasks:
 
 
 def quality(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every method once per seed (same seed for every method); rows hold the mean over seeds."""
     model, tok = lab.load(model_dir)
     tasks = list(lab.TASKS)
     base = evaluate(model, tok, args.eval_examples)
-    rows = []
     methods: list[tuple[str, str, float | None]] = [
         ("vanilla", "vanilla", None),
         ("nullspace", "nullspace", None),
     ]
     methods += [(f"frontier eps={e:g}", "frontier", e) for e in args.eps]
-    for name, method, eps in methods:
-        logger.info("quality: training %s", name)
-        trainer, _ = train(method, model_dir, out / name.replace(" ", "_"), args, tasks=tasks, eps=eps)
-        rows.append(summarise(name, base, evaluate(trainer.model, tok, args.eval_examples), tasks))
-        logger.info("%s: %s", name, json.dumps(rows[-1]))
+    per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in methods}
+    for seed in args.seeds:
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        for name, method, eps in methods:
+            logger.info("quality: seed %d, training %s", seed, name)
+            run_dir = out / f"seed{seed}" / name.replace(" ", "_")
+            trainer, _ = train(method, model_dir, run_dir, seed_args, tasks=tasks, eps=eps)
+            per_seed[name].append(
+                summarise(name, base, evaluate(trainer.model, tok, args.eval_examples), tasks)
+            )
+            logger.info("%s: %s", name, json.dumps(per_seed[name][-1]))
+    rows = [_mean_row(name, per_seed[name], tasks) for name, _, _ in methods]
     vanilla = rows[0]
     for row in rows[1:]:
         row["refusal_gain_kept"] = (
@@ -160,7 +167,23 @@ def quality(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, A
             if vanilla["mean_accuracy_drop"] > 0
             else math.nan
         )
-    return {"base": base, "rows": rows}
+    return {"base": base, "seeds": args.seeds, "rows": rows, "per_seed": per_seed}
+
+
+def _mean_row(name: str, runs: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in runs)
+
+    return {
+        "method": name,
+        "refusal_rate": mean("refusal_rate"),
+        "refusal_gain": mean("refusal_gain"),
+        "refusal_gain_per_seed": [r["refusal_gain"] for r in runs],
+        "over_refusal_change": mean("over_refusal_change"),
+        "accuracy_change": {t: statistics.fmean(r["accuracy_change"][t] for r in runs) for t in tasks},
+        "mean_accuracy_drop": mean("mean_accuracy_drop"),
+        "mean_accuracy_drop_per_seed": [r["mean_accuracy_drop"] for r in runs],
+    }
 
 
 def cost(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -169,7 +192,12 @@ def cost(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]
     for repeat in range(args.repeats):
         for method in ("vanilla", "nullspace"):
             cost_args = argparse.Namespace(
-                **{**vars(args), "refresh_steps": args.cost_refresh_steps, "degradation_tracking": False}
+                **{
+                    **vars(args),
+                    "seed": args.seeds[0],
+                    "refresh_steps": args.cost_refresh_steps,
+                    "degradation_tracking": False,
+                }
             )
             start = time.perf_counter()
             trainer, timer = train(
@@ -244,18 +272,23 @@ def plot(quality_result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _seeds(values: list[float]) -> str:
+    return ", ".join(f"{v:+.2f}" for v in values)
+
+
 def markdown(result: dict[str, Any]) -> str:
     tasks = list(result["quality"]["rows"][0]["accuracy_change"])
     lines = [
-        "| method | refusal gain | kept vs vanilla | mean acc. drop | drop / vanilla's | over-refusal change | "
-        + " | ".join(tasks)
-        + " |",
+        "| method | refusal gain (per seed) | kept vs vanilla | mean acc. drop (per seed) | drop / vanilla's | "
+        "over-refusal change | " + " | ".join(tasks) + " |",
         "|" + "---|" * (6 + len(tasks)),
     ]
     for row in result["quality"]["rows"]:
         lines.append(
-            f"| {row['method']} | {row['refusal_gain']:+.3f} | {row.get('refusal_gain_kept', 1.0):.2f} | "
-            f"{row['mean_accuracy_drop']:+.3f} | {row.get('drop_vs_vanilla', 1.0):.2f} | "
+            f"| {row['method']} | {row['refusal_gain']:+.3f} ({_seeds(row['refusal_gain_per_seed'])}) | "
+            f"{row.get('refusal_gain_kept', 1.0):.2f} | "
+            f"{row['mean_accuracy_drop']:+.3f} ({_seeds(row['mean_accuracy_drop_per_seed'])}) | "
+            f"{row.get('drop_vs_vanilla', 1.0):.2f} | "
             f"{row['over_refusal_change']:+.3f} | "
             + " | ".join(f"{row['accuracy_change'][t]:+.2f}" for t in tasks)
             + " |"
@@ -280,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eps", type=float, nargs="*", default=[0.05, 0.2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--eps", type=float, nargs="*", default=[0.0, 0.01, 0.02, 0.05, 0.1])
     parser.add_argument("--refresh-steps", type=int, default=1, help="direction refresh in the quality runs")
     parser.add_argument(
         "--cost-refresh-steps", type=int, default=10, help="direction refresh in the cost runs"
