@@ -196,6 +196,7 @@ def cost(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]
                     **vars(args),
                     "seed": args.seeds[0],
                     "refresh_steps": args.cost_refresh_steps,
+                    "capability_batch_size": args.cost_capability_batch_size,
                     "degradation_tracking": False,
                 }
             )
@@ -227,7 +228,12 @@ def cost(model_dir: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]
                     k=trainer.projector.num_directions,
                 )
             runs[method].append(record)
-    summary: dict[str, Any] = {"tasks": tasks, "refresh_steps": args.cost_refresh_steps, "runs": runs}
+    summary: dict[str, Any] = {
+        "tasks": tasks,
+        "refresh_steps": args.cost_refresh_steps,
+        "capability_batch_size": args.cost_capability_batch_size,
+        "runs": runs,
+    }
     v_all = [t for r in runs["vanilla"] for t in r["step_times"]]
     n_all = [t for r in runs["nullspace"] for t in r["step_times"]]
     summary["vanilla_step_mean"] = statistics.fmean(v_all)
@@ -298,7 +304,8 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["cost"]
     lines += [
         "",
-        f"Cost (k = {c['k']} directions from {c['tasks']}, refresh every {c['refresh_steps']} steps): "
+        f"Cost (k = {c['k']} directions from {c['tasks']}, refresh every {c['refresh_steps']} steps, "
+        f"{c['capability_batch_size']} rows per direction): "
         f"amortised step-time ratio {c['amortised_ratio']:.3f} (mean {c['nullspace_step_mean'] * 1e3:.1f} ms vs "
         f"{c['vanilla_step_mean'] * 1e3:.1f} ms), median ratio {c['median_ratio']:.3f}, projection "
         f"{100 * c['projection_share']:.2f}% of a step, projection state held {c['held_ratio']:.2f}x and at peak "
@@ -319,7 +326,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cost-refresh-steps", type=int, default=10, help="direction refresh in the cost runs"
     )
-    parser.add_argument("--capability-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--capability-batch-size", type=int, default=32, help="capability rows per direction (quality)"
+    )
+    parser.add_argument(
+        "--cost-capability-batch-size",
+        type=int,
+        default=8,
+        help="capability rows per direction (cost; config default)",
+    )
     parser.add_argument("--eval-examples", type=int, default=100)
     parser.add_argument("--cost-steps", type=int, default=40)
     parser.add_argument("--cost-tasks", nargs="*", default=None)

@@ -155,14 +155,11 @@ class UpdateProjector:
             return None
         self._armed = False
         m = self.num_directions
+        row = self._inner_products_with_update()
         gram = torch.zeros(m + 1, m + 1, dtype=torch.float64)
         gram[1:, 1:] = self._direction_gram
-        for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
-            u = p.detach() - old
-            gram[0, 0] += _dot1(u, u)
-            for i, direction in enumerate(self.directions):
-                gram[0, i + 1] += _dot1(u, direction[k])
-        gram[1:, 0] = gram[0, 1:]
+        gram[0, :] = row
+        gram[1:, 0] = row[1:]
         if self.mode == "nullspace":
             coeffs = geometry.nullspace_coefficients(gram)
         else:
@@ -186,22 +183,34 @@ class UpdateProjector:
         return report
 
     @torch.no_grad()
+    def _inner_products_with_update(self) -> torch.Tensor:
+        """[⟨d, d⟩, ⟨d, c_1⟩, …, ⟨d, c_m⟩] for d = θ − θ_old, on the CPU in float64.
+
+        Per-parameter dot products run in the parameters' precision on their device and are
+        accumulated across parameters in float64 there; the host sees one transfer, not one
+        synchronisation per dot product.
+        """
+        assert self._snapshot is not None
+        m = self.num_directions
+        acc = torch.zeros(m + 1, dtype=torch.float64, device=self.params[0].device)
+        for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
+            d = (p.detach() - old).reshape(-1)
+            acc[0] += torch.dot(d, d)
+            for i, direction in enumerate(self.directions):
+                acc[i + 1] += torch.dot(d, direction[k].reshape(-1))
+        return acc.cpu()
+
+    @torch.no_grad()
     def measure_leak(self) -> list[float]:
         """|cos(c_i, θ − θ_old)| measured on the current parameters against the last snapshot."""
         if self._snapshot is None:
             raise RuntimeError("measure_leak needs a snapshot: call before_step first")
-        m = self.num_directions
-        dots = [0.0] * m
-        norm2 = 0.0
-        for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
-            d = p.detach() - old
-            norm2 += _dot1(d, d)
-            for i, direction in enumerate(self.directions):
-                dots[i] += _dot1(d, direction[k])
+        row = self._inner_products_with_update()
+        norm2 = float(row[0])
         out = []
-        for i in range(m):
+        for i in range(self.num_directions):
             denom = math.sqrt(norm2 * float(self._direction_gram[i, i]))
-            out.append(abs(dots[i]) / denom if denom > 0 else 0.0)
+            out.append(abs(float(row[i + 1])) / denom if denom > 0 else 0.0)
         return out
 
     def extra_memory_bytes(self) -> int:
@@ -218,13 +227,12 @@ class UpdateProjector:
         self.set_directions(state["directions"])
 
 
-def _dot1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dot product of two same-shaped tensors, accumulated in float64."""
-    return float(torch.dot(a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)))
-
-
 def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
-    return sum(_dot1(x, y) for x, y in zip(xs, ys, strict=True))
+    """Σ over parameters of per-parameter dot products, accumulated in float64 on the device."""
+    acc = torch.zeros((), dtype=torch.float64, device=xs[0].device)
+    for x, y in zip(xs, ys, strict=True):
+        acc += torch.dot(x.reshape(-1), y.reshape(-1))
+    return float(acc)
 
 
 def _report(gram: torch.Tensor, coeffs: torch.Tensor) -> StepReport:

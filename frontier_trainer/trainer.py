@@ -255,7 +255,9 @@ class FrontierDPOTrainer(DPOTrainer):
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self.projector is not None
         start = time.perf_counter()
-        report = self.projector.after_step(measure=True)
+        # the realised leak costs one more pass over the parameters: measure it on logging steps
+        measure = (self.state.global_step + 1) % max(1, int(self.args.logging_steps or 1)) == 0
+        report = self.projector.after_step(measure=measure)
         if report is None:
             return
         self._last_report = report
@@ -265,11 +267,11 @@ class FrontierDPOTrainer(DPOTrainer):
         metrics["frontier/fraction_removed"].append(report.fraction_removed)
         metrics["frontier/safety_retained"].append(report.safety_retained)
         rank = self.args.capability_rank
-        realised = report.realised_leak or report.leak
         for i, task in enumerate(self.capability_tasks):
             block = slice(i * rank, (i + 1) * rank)
             metrics[f"frontier/tau/{task}"].append(max(report.raw_task_tax_rates[block]))
-            metrics[f"frontier/leak/{task}"].append(max(realised[block]))
+            if report.realised_leak is not None:
+                metrics[f"frontier/leak/{task}"].append(max(report.realised_leak[block]))
 
     # ------------------------------------------------------------------ directions
 
