@@ -612,7 +612,8 @@ def build_capability_sampler(
     for task, source in _as_pairs(capability_datasets):
         dataset = load_capability_source(task, source, split=split)
         rows[task] = tokenize_capability_dataset(task, dataset, tokenizer, max_length)
-        logger.info("capability task %r: %d row(s) from %r.", task, len(rows[task]), source)
+        origin = "an in-memory Dataset" if isinstance(source, datasets.Dataset) else repr(source)
+        logger.info("capability task %r: %d row(s) from %s.", task, len(rows[task]), origin)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None)
