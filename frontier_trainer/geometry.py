@@ -123,14 +123,33 @@ def _budget(budget: object) -> float:
     return B
 
 
+def _unit_scaling(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D⁻¹GD⁻¹, D⁻¹) with D the vectors' norms: the Gram matrix of the same vectors at unit length.
+
+    Rank decisions are made on this correlation matrix, so they depend on directions only:
+    a capability gradient a million times shorter than another (a saturated task) keeps its
+    own direction instead of falling under a cut-off relative to the longest vector. Zero
+    vectors get a zero row and column.
+    """
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return G * inv[:, None] * inv[None, :], inv
+
+
 def _pinv_psd(G: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric PSD matrix with the :data:`GRAM_RTOL` rank rule."""
-    evals, evecs = torch.linalg.eigh(G)
+    """A generalised inverse of a Gram matrix with the :data:`GRAM_RTOL` rank rule on directions.
+
+    Returns D⁻¹ (D⁻¹GD⁻¹)⁺ D⁻¹: for a full-rank G this is G⁻¹; otherwise it satisfies
+    G X G = G, which is all that projections (C X Cᵀ = P_C) and tax rates (aᵀXa) need, and its
+    rank rule ignores the vectors' lengths (see :func:`_unit_scaling`).
+    """
+    unit, inv_norm = _unit_scaling(G)
+    evals, evecs = torch.linalg.eigh(unit)
     cutoff = GRAM_RTOL * max(float(evals.max()), 0.0)
     keep = evals > cutoff
     inv = torch.zeros_like(evals)
     inv[keep] = 1.0 / evals[keep]
-    return (evecs * inv) @ evecs.T
+    return inv_norm[:, None] * ((evecs * inv) @ evecs.T) * inv_norm[None, :]
 
 
 def _projection_coefficients(C: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -537,11 +556,13 @@ def _span_coordinates(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (M, Z): Z[:, j] are the coordinates of column j in an orthonormal basis of the
     span, and coefficients for a point z are M @ z (min-norm coefficients).
     """
-    evals, evecs = torch.linalg.eigh(G)
+    unit, inv_norm = _unit_scaling(G)  # rank rule on directions, as in _pinv_psd
+    evals, evecs = torch.linalg.eigh(unit)
     keep = evals > GRAM_RTOL * max(float(evals.max()), 0.0)
     lam, V = evals[keep], evecs[:, keep]
-    Z = lam.sqrt()[:, None] * V.T  # coordinates of the columns
-    M = V / lam.sqrt()[None, :]  # z -> coefficients
+    norms = torch.where(inv_norm > 0, 1.0 / inv_norm, torch.zeros_like(inv_norm))
+    Z = (lam.sqrt()[:, None] * V.T) * norms[None, :]  # coordinates of the columns
+    M = inv_norm[:, None] * (V / lam.sqrt()[None, :])  # z -> coefficients
     return M, Z
 
 

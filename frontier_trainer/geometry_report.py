@@ -81,6 +81,20 @@ def gram_matrix(vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     return G
 
 
+def unit_gram(gram: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the same vectors scaled to unit norm (zero vectors stay zero).
+
+    Directions only: every quantity of this report is invariant to each vector's length, but
+    gradient norms differ by many orders of magnitude (a saturated capability's log-likelihood
+    gradient is tiny next to the DPO gradient), and a relative eigenvalue cut-off on the raw
+    Gram matrix would then drop the small vectors' own directions and corrupt τ.
+    """
+    G = gram.detach().to(torch.float64)
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return G * inv[:, None] * inv[None, :]
+
+
 def gram_coordinates(gram: torch.Tensor) -> torch.Tensor:
     """Coordinates X of shape (r, n) with XᵀX = G: n vectors in R^r with the same geometry.
 
@@ -263,7 +277,7 @@ def task_geometry(gram: torch.Tensor, tasks: Sequence[str], budget: float = 1.0)
         raise ValueError(f"gram has {gram.shape[0]} rows for 1 + {len(tasks)} directions")
     if float(gram[0, 0]) <= 0:
         raise ValueError("the safety direction is zero: the preference objective has no gradient here")
-    X = gram_coordinates(gram)
+    X = gram_coordinates(unit_gram(gram))
     v = X[:, 0]
     rows = []
     for i, task in enumerate(tasks, start=1):
@@ -305,7 +319,7 @@ def conflict_geometry(gram: torch.Tensor, tasks: Sequence[str]) -> dict[str, Any
     lists the tasks whose preservation raises the correlation, largest gain first (Prediction
     4), and ``max_equal_improvement`` gives cos(θ/2) (Cor 6.3) for the unconstrained case.
     """
-    X = gram_coordinates(gram)
+    X = gram_coordinates(unit_gram(gram))
     v1, v2, C = X[:, 0], X[:, 1], X[:, 2:]
     rho = float(gram[0, 1]) / math.sqrt(float(gram[0, 0]) * float(gram[1, 1]))
     theta = math.acos(min(max(rho, -1.0), 1.0))

@@ -564,3 +564,22 @@ def test_tax_rate_from_gram_matches_tax_rate(seed: int, m: int) -> None:
     assert g.tax_rate_from_gram(torch.tensor(W.T @ W)) == pytest.approx(
         g.tax_rate(torch.tensor(v), torch.tensor(C)), abs=1e-10
     )
+
+
+def test_rank_rule_ignores_vector_lengths() -> None:
+    """A capability gradient 1e-7 times shorter than the others keeps its direction."""
+    rng = rng_from(7)
+    u, C = rng.normal(size=9), rng.normal(size=(9, 3))
+    C[:, 1] *= 1e-7
+    expected = u - explicit_projection(C / np.linalg.norm(C, axis=0), u)
+    W = np.concatenate([u[:, None], C], axis=1)
+    gram = torch.tensor(W.T @ W)
+    np.testing.assert_allclose(W @ g.nullspace_coefficients(gram).numpy(), expected, atol=1e-8)
+    v_hat = u / np.linalg.norm(u)
+    tau = np.sum(explicit_projection(C / np.linalg.norm(C, axis=0), v_hat) ** 2)
+    assert g.tax_rate(torch.tensor(u), torch.tensor(C)) == pytest.approx(tau, abs=1e-10)
+    assert g.tax_rate_from_gram(gram) == pytest.approx(tau, abs=1e-10)
+    # the frontier solver honours the short direction's constraint too
+    delta = W @ g.solve_frontier_step(gram, [0.0, 0.0, 0.0]).numpy()
+    for i in range(3):
+        assert C[:, i] @ delta / np.linalg.norm(C[:, i]) >= -1e-8 * np.linalg.norm(u)

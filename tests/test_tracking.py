@@ -176,6 +176,19 @@ def test_gram_geometry_equals_geometry_on_raw_vectors() -> None:
     assert "a" in conflict["recommended"]
 
 
+def test_task_geometry_is_invariant_to_gradient_scale() -> None:
+    """A saturated capability has a tiny gradient; its τ must not depend on that norm."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(40, generator=gen, dtype=torch.float64) * 1e3
+    C = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    C[:, 1] *= 1e-7
+    G = gram_matrix([[x] for x in (v, *C.T)])
+    geo = task_geometry(G, ["a", "b", "c"])
+    for row, tau in zip(geo["tasks"], geometry.task_tax_rates(v, C).tolist(), strict=True):
+        assert row["tau"] == pytest.approx(tau, abs=1e-10)
+    assert geo["joint_tau"] == pytest.approx(geometry.tax_rate(v, C), abs=1e-9)
+
+
 # --------------------------------------------------------------------------------------
 # geometry report
 # --------------------------------------------------------------------------------------
