@@ -486,3 +486,20 @@ def test_unsupported_setups_are_refused(model_dir: Path, tmp_path: Path) -> None
             activation_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": True},
         )
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("deepspeed", {"zero_optimization": {"stage": 2}}, "DeepSpeed"), ("fsdp", "full_shard", "FSDP")],
+)
+def test_sharded_engines_are_refused_before_construction(
+    tmp_path: Path, field: str, value: Any, match: str
+) -> None:
+    """DeepSpeed needs its package to build a config here, so the check is called directly on a
+    config whose field is set after construction (what TrainingArguments would hold)."""
+    args = config(tmp_path)
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=match):
+        FrontierDPOTrainer._check_setup_before_init(args, capability_datasets(), None)
+    args.projection = "none"  # plain DPO is not refused
+    FrontierDPOTrainer._check_setup_before_init(args, capability_datasets(), None)
