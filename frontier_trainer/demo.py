@@ -225,6 +225,15 @@ def format_summary(base: dict[str, Any], runs: dict[str, Any]) -> str:
             f"{name:<10} {m['refusal_rate']:>8.2f} {m['over_refusal_rate']:>9.2f} {m['accuracy/mean']:>9.2f} "
             + " ".join(f"{m[f'accuracy/{t}']:>10.2f}" for t in tasks)
         )
+    lines += [
+        "",
+        f"{'run':<10} {'task':<12} {'tau_i':>8} {'predicted':>10} {'observed':>10}  (degradation, nats/token)",
+    ]
+    for name, r in runs.items():
+        for row in (r.get("degradation") or {}).get("rows", []):
+            lines.append(
+                f"{name:<10} {row['task']:<12} {row['tau']:>8.5f} {row['predicted']:>10.4f} {row['observed']:>10.4f}"
+            )
     for name, r in runs.items():
         ranks = (r.get("degradation") or {}).get("rank_correlations", {})
         if ranks:
