@@ -195,9 +195,9 @@ class UpdateProjector:
         acc = torch.zeros(m + 1, dtype=torch.float64, device=self.params[0].device)
         for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
             d = (p.detach() - old).reshape(-1)
-            acc[0] += torch.dot(d, d)
+            acc[0] += torch.dot(d, d).to(acc.device)  # .to: parameters may sit on several devices
             for i, direction in enumerate(self.directions):
-                acc[i + 1] += torch.dot(d, direction[k].reshape(-1))
+                acc[i + 1] += torch.dot(d, direction[k].reshape(-1)).to(acc.device)
         return acc.cpu()
 
     @torch.no_grad()
@@ -231,7 +231,7 @@ def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
     """Σ over parameters of per-parameter dot products, accumulated in float64 on the device."""
     acc = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x, y in zip(xs, ys, strict=True):
-        acc += torch.dot(x.reshape(-1), y.reshape(-1))
+        acc += torch.dot(x.reshape(-1), y.reshape(-1)).to(acc.device)
     return float(acc)
 
 
