@@ -503,3 +503,30 @@ def test_sharded_engines_are_refused_before_construction(
         FrontierDPOTrainer._check_setup_before_init(args, capability_datasets(), None)
     args.projection = "none"  # plain DPO is not refused
     FrontierDPOTrainer._check_setup_before_init(args, capability_datasets(), None)
+
+
+def test_plain_dpo_config_is_upgraded_and_projected(model_dir: Path, tmp_path: Path) -> None:
+    """Drop-in: a script that builds a trl.DPOConfig still gets the (default) null-space projection."""
+    plain = DPOConfig(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = MeasuredTrainer(
+        model=str(model_dir),
+        args=plain,
+        train_dataset=preference_dataset(),
+        processing_class=build_tokenizer(),
+        capability_datasets=capability_datasets(),
+    )
+    assert isinstance(trainer.args, FrontierDPOConfig) and trainer.args.projection == "nullspace"
+    assert trainer.args.learning_rate == 1e-2 and trainer.args.max_steps == 2
+    trainer.train()
+    assert len(trainer.steps) == 2 and max_leak(trainer) <= 1e-5
