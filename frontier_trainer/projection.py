@@ -8,9 +8,16 @@ what the optimizer really did instead. Around each real optimizer step it
 2. lets the optimizer run, then reads the raw displacement u = θ_new − θ_old,
 3. forms the Gram matrix of [u, c_1, …, c_m] by per-parameter dot products (nothing is
    concatenated: extra memory is one snapshot plus the m directions, the (m+1)× floor),
-4. asks :mod:`frontier_trainer.geometry` for coefficients (``nullspace_coefficients`` or
-   ``solve_frontier_step``), and
+4. gets coefficients from the Gram matrix alone: the null-space ones are
+   ``geometry.nullspace_coefficients``'s formula with the directions' generalised inverse
+   cached per refresh; frontier ones come from ``geometry.solve_frontier_step``, and
 5. writes θ = θ_old + a_0 u + Σ a_i c_i in place (``after_step``).
+
+Cost: per step, a handful of ``torch._foreach_*`` calls per *bucket* of parameters (one
+device and dtype, at most :data:`BUCKET_NUMEL` elements) plus one reduction per parameter and
+direction for the Gram row, instead of a Python loop issuing several small ops per parameter.
+u is materialised one bucket at a time, so the projection's transient memory is bounded by a
+bucket (or the largest parameter), not by the model.
 
 Everything is pure torch on a list of parameters: no Trainer, so it can be tested and reused
 with any optimizer loop. Under DDP every rank holds identical parameters, updates and
@@ -29,6 +36,11 @@ import torch
 from frontier_trainer import geometry
 
 ProjectionMode = Literal["nullspace", "frontier"]
+
+#: Most elements per bucket of parameters processed by one set of ``torch._foreach_*`` calls:
+#: bounds each transient (u = θ − θ_old; on the CPU also the products summed into ⟨u, c_i⟩)
+#: to 2**26 elements, 256 MiB in fp32. A larger parameter gets a bucket of its own.
+BUCKET_NUMEL = 2**26
 
 
 @dataclass
@@ -87,7 +99,12 @@ class UpdateProjector:
         self.tolerances = None if tolerances is None else [float(t) for t in tolerances]
         self.directions: list[list[torch.Tensor]] = []
         self._direction_gram = torch.zeros(0, 0, dtype=torch.float64)
+        self._direction_pinv = torch.zeros(0, 0, dtype=torch.float64)
+        #: θ_old, one buffer per parameter in ``params`` order (allocated at the first step).
         self._snapshot: list[torch.Tensor] | None = None
+        #: Parameter indices grouped for foreach calls (see :func:`_buckets`); fixed when the
+        #: directions are installed, which is also when they are moved to the parameters' devices.
+        self._buckets: list[list[int]] = _buckets(self.params)
         self._armed = False
 
     # ------------------------------------------------------------------ directions
@@ -99,7 +116,9 @@ class UpdateProjector:
     def set_directions(self, directions: Sequence[Sequence[torch.Tensor]]) -> None:
         """Install capability directions: each is a list of tensors shaped like ``params``.
 
-        The directions' own Gram block is computed once here and reused every step.
+        Tensors already on the parameter's device and in its dtype are held as they are (no
+        copy). The directions' own Gram block and its generalised inverse (geometry's rank
+        rule) are computed once here and reused every step.
         """
         checked: list[list[torch.Tensor]] = []
         for j, direction in enumerate(directions):
@@ -120,18 +139,24 @@ class UpdateProjector:
             raise ValueError(
                 f"frontier mode needs one tolerance per direction: {len(checked)} directions, {got} tolerances"
             )
+        buckets = _buckets(self.params)
+        if buckets != self._buckets:  # a parameter changed device or dtype since the last step
+            self._buckets, self._snapshot = buckets, None
         self.directions = checked
         m = len(checked)
         gram = torch.zeros(m, m, dtype=torch.float64)
         for i in range(m):
-            for j in range(i, m):
-                gram[i, j] = gram[j, i] = _dot(checked[i], checked[j])
+            row = self._dots(checked[i], checked[i + 1 :])  # [⟨c_i, c_i⟩, ⟨c_i, c_j⟩ for j > i]
+            gram[i, i:] = row
+            gram[i:, i] = row
         self._direction_gram = gram
+        self._direction_pinv = geometry._pinv_psd(gram) if m else gram.clone()
 
     def clear_directions(self) -> None:
         """Drop the current directions (their memory is freed once no one else holds them)."""
         self.directions = []
         self._direction_gram = torch.zeros(0, 0, dtype=torch.float64)
+        self._direction_pinv = torch.zeros(0, 0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ step hooks
 
@@ -144,8 +169,8 @@ class UpdateProjector:
         if self._snapshot is None:
             self._snapshot = [p.detach().clone() for p in self.params]
         else:
-            for buf, p in zip(self._snapshot, self.params, strict=True):
-                buf.copy_(p.detach())
+            for idx in self._buckets:
+                torch._foreach_copy_([self._snapshot[k] for k in idx], [self.params[k] for k in idx])
         self._armed = True
 
     @torch.no_grad()
@@ -154,51 +179,88 @@ class UpdateProjector:
         if not self._armed or self._snapshot is None:
             return None
         self._armed = False
-        m = self.num_directions
         row = self._inner_products_with_update()
-        gram = torch.zeros(m + 1, m + 1, dtype=torch.float64)
-        gram[1:, 1:] = self._direction_gram
-        gram[0, :] = row
-        gram[1:, 0] = row[1:]
+        u_row = row.tolist()
+        if not all(map(math.isfinite, u_row)):
+            raise ValueError("the optimizer's update u = θ_new − θ_old is not finite (NaN or inf)")
+        gram = [u_row] + [[u_row[i + 1], *c_row] for i, c_row in enumerate(self._direction_gram.tolist())]
+        # w = (G_CC)⁺ G_Cu: the projection of u onto span(c) is Σ w_i c_i (G_CC⁺ cached per refresh)
+        w = self._direction_pinv @ row[1:]
         if self.mode == "nullspace":
-            coeffs = geometry.nullspace_coefficients(gram)
+            a = [1.0, *(-w).tolist()]  # geometry.nullspace_coefficients(gram), bit for bit
         else:
             assert self.tolerances is not None
-            coeffs = geometry.solve_frontier_step(gram, self.tolerances)
-        a = coeffs.tolist()
-        report = _report(gram, coeffs)
+            gram_t = torch.tensor(gram, dtype=torch.float64)
+            a = geometry.solve_frontier_step(gram_t, self.tolerances).tolist()
+        report = _report(gram, a, raw_tax_rate=_tax_rate(u_row, w))
         if a[0] == 1.0 and not any(a[1:]):
             # δ = u: leave θ_new untouched so an unconstrained step is bitwise the optimizer's own
             if measure:
                 report.realised_leak = self.measure_leak()
             return report
-        for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
-            step = (p.detach() - old).mul_(a[0])
-            for i, direction in enumerate(self.directions):
-                if a[i + 1] != 0.0:
-                    step.add_(direction[k], alpha=a[i + 1])
-            p.detach().copy_(old + step)
+        self._write(a)
         if measure:
             report.realised_leak = self.measure_leak()
         return report
 
     @torch.no_grad()
-    def _inner_products_with_update(self) -> torch.Tensor:
-        """[⟨d, d⟩, ⟨d, c_1⟩, …, ⟨d, c_m⟩] for d = θ − θ_old, on the CPU in float64.
+    def _write(self, a: list[float]) -> None:
+        """θ = θ_old + a_0 u + Σ a_i c_i, written as θ_new + [(a_0 − 1) u + Σ a_i c_i], bucket by
+        bucket with foreach ops.
 
-        Per-parameter dot products run in the parameters' precision on their device and are
-        accumulated across parameters in float64 there; the host sees one transfer, not one
-        synchronisation per dot product.
+        The correction in brackets is formed in a temporary and added once, so each coordinate
+        of θ is rounded once, as in θ_old + δ. In null-space mode a_0 = 1 and u is not re-read.
         """
         assert self._snapshot is not None
-        m = self.num_directions
-        acc = torch.zeros(m + 1, dtype=torch.float64, device=self.params[0].device)
-        for k, (p, old) in enumerate(zip(self.params, self._snapshot, strict=True)):
-            d = (p.detach() - old).reshape(-1)
-            acc[0] += torch.dot(d, d).to(acc.device)  # .to: parameters may sit on several devices
-            for i, direction in enumerate(self.directions):
-                acc[i + 1] += torch.dot(d, direction[k].reshape(-1)).to(acc.device)
-        return acc.cpu()
+        for idx in self._buckets:
+            params = [self.params[k] for k in idx]
+            correction: list[torch.Tensor] | None = None
+            if a[0] != 1.0:
+                correction = torch._foreach_sub(params, [self._snapshot[k] for k in idx])
+                torch._foreach_mul_(correction, a[0] - 1.0)
+            for coeff, direction in zip(a[1:], self.directions, strict=True):
+                if coeff == 0.0:
+                    continue
+                part = [direction[k] for k in idx]
+                if correction is None:
+                    correction = torch._foreach_mul(part, coeff)
+                else:
+                    torch._foreach_add_(correction, part, alpha=coeff)
+            if correction is not None:
+                torch._foreach_add_(params, correction)
+
+    @torch.no_grad()
+    def _inner_products_with_update(self) -> torch.Tensor:
+        """[⟨d, d⟩, ⟨d, c_1⟩, …, ⟨d, c_m⟩] for d = θ − θ_old, on the CPU in float64."""
+        assert self._snapshot is not None
+        return self._dots(None, self.directions)
+
+    @torch.no_grad()
+    def _dots(self, x: Sequence[torch.Tensor] | None, ys: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """[⟨x, x⟩, ⟨x, y_1⟩, …] over all parameters, float64 on the CPU; x = None means
+        the update d = θ − θ_old (formed one bucket at a time, then dropped).
+
+        Per-parameter values (⟨x, x⟩ = ‖x‖² through ``torch._foreach_norm``, ⟨x, y⟩ through
+        :func:`_paired_dots`) are computed in the parameters' precision on their device, then
+        cast to float64 and summed there: the sum across parameters is in float64 and the host
+        sees one transfer per device, not one synchronisation per dot product.
+        """
+        per_device: dict[torch.device, torch.Tensor] = {}
+        for idx in self._buckets:
+            if x is None:
+                assert self._snapshot is not None
+                xs = torch._foreach_sub([self.params[k] for k in idx], [self._snapshot[k] for k in idx])
+            else:
+                xs = [x[k] for k in idx]
+            values = list(torch._foreach_norm(xs))
+            for y in ys:
+                values += _paired_dots(xs, [y[k] for k in idx])
+            table = torch.stack(values).double().view(1 + len(ys), len(idx))
+            table[0].square_()
+            bucket = table.sum(dim=1)
+            acc = per_device.get(bucket.device)
+            per_device[bucket.device] = bucket if acc is None else acc + bucket
+        return torch.stack([acc.cpu() for acc in per_device.values()]).sum(dim=0)
 
     @torch.no_grad()
     def measure_leak(self) -> list[float]:
@@ -227,34 +289,71 @@ class UpdateProjector:
         self.set_directions(state["directions"])
 
 
-def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
-    """Σ over parameters of per-parameter dot products, accumulated in float64 on the device."""
-    acc = torch.zeros((), dtype=torch.float64, device=xs[0].device)
-    for x, y in zip(xs, ys, strict=True):
-        acc += torch.dot(x.reshape(-1), y.reshape(-1)).to(acc.device)
-    return float(acc)
+def _paired_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[⟨x_k, y_k⟩ for each k] as 0-d tensors in the tensors' precision, on their (one) device.
+
+    On accelerators, one ``torch.dot`` per pair: a single kernel, no temporary. On the CPU,
+    ``torch.dot`` calls the BLAS (MKL), which runs its own threads and stalls on a loaded
+    host (measured on 2 busy cores, 2 threads: mean 10–40× its median); there the products
+    come from one ``torch._foreach_mul`` and are summed by native kernels, which stay on one
+    thread for parameters below ATen's grain size.
+    """
+    if xs and xs[0].device.type == "cpu":
+        return [prod.sum() for prod in torch._foreach_mul(xs, ys)]
+    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
 
 
-def _report(gram: torch.Tensor, coeffs: torch.Tensor) -> StepReport:
-    m = gram.shape[0] - 1
-    Ga = gram @ coeffs
-    raw2 = float(gram[0, 0])
-    proj2 = max(float(coeffs @ Ga), 0.0)
-    diff = coeffs.clone()
-    diff[0] -= 1.0
-    removed2 = max(float(diff @ gram @ diff), 0.0)
+def _buckets(params: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped for foreach calls: one device and dtype per bucket, at most
+    :data:`BUCKET_NUMEL` elements each (a larger parameter alone), in parameter order."""
+    open_buckets: dict[tuple[torch.device, torch.dtype], tuple[list[int], int]] = {}
+    done: list[list[int]] = []
+    for k, p in enumerate(params):
+        key = (p.device, p.dtype)
+        idx, numel = open_buckets.get(key, ([], 0))
+        if idx and numel + p.numel() > BUCKET_NUMEL:
+            done.append(idx)
+            idx, numel = [], 0
+        idx.append(k)
+        open_buckets[key] = (idx, numel + p.numel())
+    buckets = done + [idx for idx, _ in open_buckets.values()]
+    return sorted(buckets, key=lambda idx: idx[0])
+
+
+def _tax_rate(u_row: list[float], w: torch.Tensor) -> float:
+    """``geometry.tax_rate_from_gram`` of [u, c_1, …, c_m], τ = G_uC (G_CC)⁺ G_Cu / ‖u‖², given
+    w = (G_CC)⁺ G_Cu. 0 for a zero u or when every direction is zero (then w = 0)."""
+    if u_row[0] <= 0 or len(u_row) < 2:
+        return 0.0
+    return min(max(_dot(u_row[1:], w.tolist()) / u_row[0], 0.0), 1.0)
+
+
+def _dot(x: Sequence[float], y: Sequence[float]) -> float:
+    return sum(xi * yi for xi, yi in zip(x, y, strict=True))
+
+
+def _report(gram: list[list[float]], a: list[float], raw_tax_rate: float) -> StepReport:
+    """The step's diagnostics from the (m+1)×(m+1) Gram matrix of [u, c_1, …, c_m] and the
+    coefficients a of δ = a_0 u + Σ a_i c_i, in float64 Python arithmetic (a few dozen
+    multiplications: cheaper than tensor ops at this size)."""
+    m = len(a) - 1
+    Ga = [_dot(g_row, a) for g_row in gram]
+    raw2 = gram[0][0]
+    proj2 = max(_dot(a, Ga), 0.0)
+    diff = [a[0] - 1.0, *a[1:]]  # δ − u
+    removed2 = max(_dot(diff, [_dot(g_row, diff) for g_row in gram]), 0.0)
     leak, task_taus = [], []
     for i in range(1, m + 1):
-        cn2 = float(gram[i, i])
-        leak.append(abs(float(Ga[i])) / math.sqrt(proj2 * cn2) if proj2 > 0 and cn2 > 0 else 0.0)
-        task_taus.append(float(gram[0, i]) ** 2 / (raw2 * cn2) if raw2 > 0 and cn2 > 0 else 0.0)
+        cn2 = gram[i][i]
+        leak.append(abs(Ga[i]) / math.sqrt(proj2 * cn2) if proj2 > 0 and cn2 > 0 else 0.0)
+        task_taus.append(gram[0][i] ** 2 / (raw2 * cn2) if raw2 > 0 and cn2 > 0 else 0.0)
     return StepReport(
         raw_norm=math.sqrt(raw2),
         projected_norm=math.sqrt(proj2),
-        raw_tax_rate=geometry.tax_rate_from_gram(gram),
+        raw_tax_rate=raw_tax_rate,
         raw_task_tax_rates=task_taus,
         leak=leak,
         fraction_removed=math.sqrt(removed2 / raw2) if raw2 > 0 else 0.0,
-        safety_retained=float(Ga[0]) / raw2 if raw2 > 0 else 0.0,
-        coefficients=coeffs.tolist(),
+        safety_retained=Ga[0] / raw2 if raw2 > 0 else 0.0,
+        coefficients=list(a),
     )
