@@ -41,6 +41,7 @@ import torch
 from frontier_trainer import lab
 from frontier_trainer.directions import build_capability_sampler, completion_metric
 from frontier_trainer.hma import Allocation, Grouping, allocate, measure_geometry, merge, uniform
+from frontier_trainer.hma.pareto import hypervolume, pareto
 from frontier_trainer.hma.signals import preference_batch, preference_margin
 
 logger = logging.getLogger("hma_benchmark")
@@ -56,31 +57,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------
 # Fronts
 # --------------------------------------------------------------------------------------
-
-
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated points (maximise both coordinates), sorted by the first."""
-    pts = sorted(set(points), key=lambda p: (-p[0], -p[1]))
-    front, best = [], -math.inf
-    for x, y in pts:
-        if y > best:
-            front.append((x, y))
-            best = y
-    return sorted(front)
-
-
-def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
-    """Area dominated by ``points`` above ``ref`` (2-D, both coordinates maximised)."""
-    front = [p for p in pareto(points) if p[0] > ref[0] and p[1] > ref[1]]
-    # sweep from the right: a front point adds the strip between its x and the next x to its left,
-    # at the height of the best y seen so far (y grows leftwards along a front)
-    front.sort(key=lambda p: -p[0])
-    xs = [p[0] for p in front] + [ref[0]]
-    area, best_y = 0.0, ref[1]
-    for i, (x, y) in enumerate(front):
-        best_y = max(best_y, y)
-        area += (x - xs[i + 1]) * (best_y - ref[1])
-    return area
 
 
 def envelope_at(points: list[tuple[float, float]], x: float) -> float:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from frontier_trainer import geometry
+from frontier_trainer.hma.pareto import hypervolume, pareto
 
 logger = logging.getLogger(__name__)
 
@@ -258,28 +259,6 @@ def method_row(
     }
     row.update(extra)
     return row
-
-
-def pareto(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated points (both coordinates maximised), sorted by the first."""
-    pts = sorted(set(points), key=lambda p: (-p[0], -p[1]))
-    front, best = [], -math.inf
-    for x, y in pts:
-        if y > best:
-            front.append((x, y))
-            best = y
-    return sorted(front)
-
-
-def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
-    """Area dominated by ``points`` above ``ref`` (2-D, both coordinates maximised)."""
-    front = sorted((p for p in pareto(points) if p[0] > ref[0] and p[1] > ref[1]), key=lambda p: -p[0])
-    xs = [p[0] for p in front] + [ref[0]]
-    area, best_y = 0.0, ref[1]
-    for i, (x, y) in enumerate(front):
-        best_y = max(best_y, y)
-        area += (x - xs[i + 1]) * (best_y - ref[1])
-    return area
 
 
 def capability_at_refusal(points: Sequence[tuple[float, float]], level: float) -> float:
