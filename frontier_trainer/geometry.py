@@ -44,6 +44,7 @@ __all__ = [
     "max_safety_gain",
     "nullspace_coefficients",
     "partial_correlation",
+    "pinv_psd",
     "principal_angles",
     "regime",
     "solve_frontier_step",
@@ -136,7 +137,7 @@ def _unit_scaling(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return G * inv[:, None] * inv[None, :], inv
 
 
-def _pinv_psd(G: torch.Tensor) -> torch.Tensor:
+def pinv_psd(G: torch.Tensor) -> torch.Tensor:
     """A generalised inverse of a Gram matrix with the :data:`GRAM_RTOL` rank rule on directions.
 
     Returns D⁻¹ (D⁻¹GD⁻¹)⁺ D⁻¹: for a full-rank G this is G⁻¹; otherwise it satisfies
@@ -154,7 +155,7 @@ def _pinv_psd(G: torch.Tensor) -> torch.Tensor:
 
 def _projection_coefficients(C: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Coefficients w with P_C v = C w, i.e. w = (CᵀC)⁺ Cᵀ v (rank-deficient C allowed)."""
-    return _pinv_psd(C.T @ C) @ (C.T @ v)
+    return pinv_psd(C.T @ C) @ (C.T @ v)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def tax_rate(v: torch.Tensor, C: torch.Tensor) -> float:
     if not torch.any(C64 != 0):
         raise ValueError("C is all zeros; the capability subspace needs at least one nonzero column")
     a = C64.T @ v64
-    tau = float(a @ _pinv_psd(C64.T @ C64) @ a) / float(v64 @ v64)
+    tau = float(a @ pinv_psd(C64.T @ C64) @ a) / float(v64 @ v64)
     return min(max(tau, 0.0), 1.0)
 
 
@@ -197,7 +198,7 @@ def tax_rate_from_gram(gram: torch.Tensor) -> float:
     if G.shape[0] < 2 or float(G[0, 0]) <= 0 or float(torch.diagonal(G)[1:].max()) <= 0:
         return 0.0
     a = G[1:, 0]
-    return min(max(float(a @ _pinv_psd(G[1:, 1:]) @ a) / float(G[0, 0]), 0.0), 1.0)
+    return min(max(float(a @ pinv_psd(G[1:, 1:]) @ a) / float(G[0, 0]), 0.0), 1.0)
 
 
 def task_tax_rates(v: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -435,7 +436,7 @@ def effective_angle(v1: torch.Tensor, v2: torch.Tensor, C: torch.Tensor) -> floa
     C64 = _matrix("C", C, v1_64.shape[0])
     u1 = v1_64 / v1_64.norm()
     u2 = v2_64 / v2_64.norm()
-    G_pinv = _pinv_psd(C64.T @ C64)
+    G_pinv = pinv_psd(C64.T @ C64)
     a = C64.T @ u1
     b = C64.T @ u2
     tau1 = float(a @ G_pinv @ a)
@@ -546,7 +547,7 @@ def nullspace_coefficients(gram: torch.Tensor) -> torch.Tensor:
     coeffs = torch.zeros(G.shape[0], dtype=torch.float64)
     coeffs[0] = 1.0
     if G.shape[0] > 1:
-        coeffs[1:] = -(_pinv_psd(G[1:, 1:]) @ G[1:, 0])
+        coeffs[1:] = -(pinv_psd(G[1:, 1:]) @ G[1:, 0])
     return coeffs
 
 
@@ -556,7 +557,7 @@ def _span_coordinates(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (M, Z): Z[:, j] are the coordinates of column j in an orthonormal basis of the
     span, and coefficients for a point z are M @ z (min-norm coefficients).
     """
-    unit, inv_norm = _unit_scaling(G)  # rank rule on directions, as in _pinv_psd
+    unit, inv_norm = _unit_scaling(G)  # rank rule on directions, as in pinv_psd
     evals, evecs = torch.linalg.eigh(unit)
     keep = evals > GRAM_RTOL * max(float(evals.max()), 0.0)
     lam, V = evals[keep], evecs[:, keep]

@@ -150,7 +150,7 @@ class UpdateProjector:
             gram[i, i:] = row
             gram[i:, i] = row
         self._direction_gram = gram
-        self._direction_pinv = geometry._pinv_psd(gram) if m else gram.clone()
+        self._direction_pinv = geometry.pinv_psd(gram) if m else gram.clone()
 
     def clear_directions(self) -> None:
         """Drop the current directions (their memory is freed once no one else holds them)."""
