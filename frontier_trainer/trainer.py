@@ -245,12 +245,14 @@ class FrontierDPOTrainer(DPOTrainer):
         assert self.projector is not None
         step = self.state.global_step
         refresh = self.args.capability_refresh_steps
-        if self.projector.num_directions == 0 or (step % refresh == 0 and self._directions_step != step):
+        refreshed = self.projector.num_directions == 0 or (step % refresh == 0 and self._directions_step != step)
+        if refreshed:
             self.refresh_directions()
         start = time.perf_counter()
         self.projector.before_step()
         self._projection_seconds = time.perf_counter() - start
-        self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
+        if refreshed:  # the held state (snapshot + directions) changes only when directions do
+            self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         assert self.projector is not None

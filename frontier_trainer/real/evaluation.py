@@ -32,12 +32,8 @@ from torch import nn
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from frontier_trainer.directions import (
-    IGNORE_INDEX,
-    CapabilitySampler,
-    completion_metric,
-    tokenize_capability_dataset,
-)
+from frontier_trainer.directions import CapabilitySampler, tokenize_capability_dataset
+from frontier_trainer.tracking import dataset_metric
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +402,8 @@ def completion_nll(
     (``tokenizer(prompt + completion)``, prompt tokens masked; rows longer than ``max_length``
     tokens are dropped with a logged count) and right-padded by
     :meth:`~frontier_trainer.directions.CapabilitySampler.collate` into consecutive batches in
-    dataset order; each batch is scored with :func:`frontier_trainer.directions.completion_metric`.
+    dataset order; each batch is scored with :func:`frontier_trainer.directions.completion_metric`
+    and pooled by :func:`frontier_trainer.tracking.dataset_metric` (the degradation tracker's own).
     The result is ``sum_b(-metric_b * tokens_b) / sum_b tokens_b``: a token-weighted mean, so it
     does not depend on ``batch_size`` and equals ``-completion_metric`` on a single batch holding
     every row. A ``{"text"}`` dataset scores every token, as in the trainer.
@@ -419,17 +416,9 @@ def completion_nll(
     rows = tokenize_capability_dataset(_EVAL_TASK, data, tokenizer, max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = CapabilitySampler({_EVAL_TASK: rows}, batch_size=batch_size, pad_token_id=pad_id or 0)
-    device = _device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    indices = list(range(len(rows)))
-    with _eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), desc="completion nll", unit="batch", leave=False):
-            batch = sampler.collate(_EVAL_TASK, indices[start : start + batch_size], device=device)
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += -completion_metric(model, batch).double().cpu() * tokens
-            count += tokens
-    return float(total / count)
+    with _eval_mode(model):
+        value, _ = dataset_metric(model, sampler, _EVAL_TASK)  # the tracker's pooled metric, no gradient
+    return -value
 
 
 def exact_match_accuracy(
