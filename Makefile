@@ -1,7 +1,9 @@
 # The two set-up commands named in README.md: `make demo` and `make test`.
 # Each creates (or reuses) a project-local virtual environment in $(VENV), installs a
 # CPU build of torch 2.13.0 first when no CUDA GPU is present (an unpinned torch pulls
-# gigabytes of CUDA packages), then installs this package with its extras, then runs.
+# gigabytes of CUDA packages), then installs this package with its extras at the versions
+# tested, pinned in constraints.txt (pyproject keeps lower bounds for users), then runs.
+# Regenerate constraints.txt with `make constraints` after a tested upgrade.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,11 +11,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.frontier-installed
 OUT ?= outputs/demo
 
-.PHONY: demo test test-slow lint env clean
+.PHONY: demo test test-slow lint env clean constraints
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "CUDA GPU found: installing the default torch build"; \
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 		echo "No CUDA GPU: installing CPU torch 2.13.0 first"; \
 		$(PY) -m pip install -q "torch==2.13.0"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev,gguf]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,gguf,eval]"
 	@touch $(STAMP)
 
 lint: $(STAMP)
@@ -36,6 +38,9 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m frontier_trainer.demo --output-dir $(OUT)
+
+constraints: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache .hypothesis
