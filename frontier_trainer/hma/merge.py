@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .allocate import Allocation
 from .groups import OUTER, Grouping, alpha_of_tensor
-from .mergekit_yaml import write_mergekit_yaml
+from .mergekit_yaml import merge_tensor, write_mergekit_yaml
 from .sources import LoraSource, StateDictSource, WeightSource, check_compatible, open_source
 
 logger = logging.getLogger(__name__)
@@ -79,19 +79,6 @@ class MergeResult:
     alphas: dict[str, float]
     outer_alpha: float
     files: list[str] = field(default_factory=list)
-
-
-def merge_tensor(base: torch.Tensor, aligned: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``base + α (aligned − base)``; exact copies at α = 0 and α = 1 (see the module docstring)."""
-    if alpha == 0.0:
-        return base.clone()
-    if alpha == 1.0:
-        return aligned.clone()
-    if not base.is_floating_point():
-        raise ValueError(f"cannot interpolate a {base.dtype} tensor with α={alpha}.")
-    work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    b = base.to(work)
-    return (b + alpha * (aligned.to(work) - b)).to(base.dtype)
 
 
 def _resolve(

@@ -35,6 +35,24 @@ import yaml
 from .sources import LoraSource, SafetensorsDir, WeightSource, check_compatible
 
 
+def merge_tensor(base: torch.Tensor, aligned: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``base + α (aligned − base)``: task_arithmetic's rule for one tensor with one model.
+
+    Computed in float32 (float64 for float64 weights) and cast back to the stored dtype; α = 0 and
+    α = 1 copy the base or aligned tensor bit for bit. Lives here, below :mod:`.merge`, so that both
+    the merge and this loader use one rule and the import graph points one way (merge -> mergekit_yaml).
+    """
+    if alpha == 0.0:
+        return base.clone()
+    if alpha == 1.0:
+        return aligned.clone()
+    if not base.is_floating_point():
+        raise ValueError(f"cannot interpolate a {base.dtype} tensor with α={alpha}.")
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    b = base.to(work)
+    return (b + alpha * (aligned.to(work) - b)).to(base.dtype)
+
+
 def write_mergekit_yaml(
     path: str | os.PathLike[str],
     base_ref: str,
@@ -86,8 +104,6 @@ def load_mergekit_yaml(path: str | os.PathLike[str]) -> Iterator[tuple[str, torc
         ValueError: another merge method, several models, ``normalize: true`` with a weight ≠ 1, or
             mismatched models.
     """
-    from .merge import merge_tensor
-
     cfg = yaml.safe_load(Path(path).read_text())
     if cfg.get("merge_method") != "task_arithmetic":
         raise ValueError(
