@@ -1,0 +1,111 @@
+"""Prompt-only capability sources are completed once by the model itself (issue 15 §3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny import build_model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from frontier_trainer import self_completion
+from frontier_trainer.directions import IGNORE_INDEX, tokenize_capability_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+PROMPTS = [f"copy w{i} w{i + 1}" for i in range(5)]
+
+
+def _manual_greedy(model, tok, text: str, max_new_tokens: int) -> str:
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out, skip_special_tokens=False)
+
+
+def test_prompt_only_detection_and_mixing_refused():
+    assert self_completion.is_prompt_only("t", Dataset.from_list([{"prompt": "a"}]))
+    assert self_completion.is_prompt_only("t", Dataset.from_list([{"prompt": "a", "completion": ""}]))
+    assert not self_completion.is_prompt_only("t", Dataset.from_list([{"prompt": "a", "completion": " b"}]))
+    assert not self_completion.is_prompt_only("t", Dataset.from_list([{"text": "a b"}]))
+    user = [{"role": "user", "content": "hi"}]
+    assert self_completion.is_prompt_only("t", Dataset.from_list([{"messages": user}]))
+    mixed = Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": ""}])
+    with pytest.raises(ValueError, match=r"capability_datasets\['benign'\].*mixes prompt-only and completed"):
+        self_completion.is_prompt_only("benign", mixed)
+
+
+def test_completions_are_the_models_own_greedy_answers(tiny, tmp_path):
+    model, tok = tiny
+    data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    done = self_completion.complete_rows("copy", data, model, tok, max_new_tokens=6, batch_size=2, cache_dir=tmp_path)
+    assert done.column_names == ["prompt", "completion"] and len(done) == len(PROMPTS)
+    for prompt, row in zip(PROMPTS, done, strict=True):
+        rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        assert row["prompt"] == rendered  # scored in the chat format DPO trains with
+        assert row["completion"] == _manual_greedy(model, tok, rendered, 6)
+    # the rows feed the capability sampler as ordinary prompt/completion rows, completion tokens scored
+    rows = tokenize_capability_dataset("copy", done, tok, max_length=None)
+    assert all(any(label != IGNORE_INDEX for label in r["labels"]) for r in rows)
+
+
+def test_completed_once_cached_and_regenerated_for_a_changed_model(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    calls = []
+    real = self_completion.greedy_continuations
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(self_completion, "greedy_continuations", counting)
+    data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    first = self_completion.complete_rows("copy", data, model, tok, max_new_tokens=4, cache_dir=tmp_path)
+    second = self_completion.complete_rows("copy", data, model, tok, max_new_tokens=4, cache_dir=tmp_path)
+    assert len(calls) == 1 and first.to_list() == second.to_list()
+    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    provenance = json.loads((entry / "provenance.json").read_text())
+    assert provenance["model_sha256"] == self_completion.model_fingerprint(model)
+    assert provenance["n_rows"] == len(PROMPTS) and provenance["settings"]["max_new_tokens"] == 4
+    # other settings -> another entry
+    self_completion.complete_rows("copy", data, model, tok, max_new_tokens=5, cache_dir=tmp_path)
+    assert len(calls) == 2
+    # a changed model regenerates
+    changed = AutoModelForCausalLM.from_pretrained(model.config._name_or_path)
+    with torch.no_grad():
+        changed.lm_head.weight.add_(0.01)
+    self_completion.complete_rows("copy", data, changed, tok, max_new_tokens=4, cache_dir=tmp_path)
+    assert len(calls) == 3
+
+
+def test_bad_prompt_only_sources_are_refused_naming_the_task(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"capability_datasets\['benign'\]: row 1 has an empty 'prompt'"):
+        self_completion.complete_rows(
+            "benign", Dataset.from_list([{"prompt": "w1"}, {"prompt": "  "}]), model, tok, cache_dir=tmp_path
+        )
+    convo = Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": "w1"}]},
+            {"messages": [{"role": "user", "content": "w2"}, {"role": "assistant", "content": "w3"}]},
+        ]
+    )
+    with pytest.raises(ValueError, match=r"capability_datasets\['chat'\].*mixes prompt-only rows"):
+        self_completion.complete_rows("chat", convo, model, tok, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        self_completion.complete_rows("benign", Dataset.from_list([]), model, tok, cache_dir=tmp_path)
