@@ -1,186 +1,105 @@
-"""FrontierDPOConfig: TRL's DPOConfig plus the knobs of the frontier projection.
+"""Frontier configs: each TRL config plus :class:`~frontier_trainer.arguments.FrontierArguments`.
 
-Every new knob is a documented dataclass field, so TRL's parser (``TrlParser`` / HfArgumentParser),
-YAML recipes and any script that builds ``Trainer(model=..., args=cfg, ...)`` keep working.
-Fields that take a mapping accept a dict in Python and YAML, and a JSON string (or
-``task=value,task=value``) on the command line, which ``__post_init__`` parses.
+``FrontierDPOConfig`` is ``trl.DPOConfig`` plus the frontier fields (its historical home, kept
+importable from here); the same mixin makes the SFT, KTO, ORPO, GRPO and RLOO configs and one
+for a plain ``transformers.Trainer`` (``FrontierTrainingArguments``). Each is a real dataclass
+defined at import time, so ``Trainer`` can pickle it into ``training_args.bin``.
+
+ORPO lives in ``trl.experimental`` in TRL 1.16; its config is imported lazily (attribute access on
+this module) so that importing the stable configs does not import the experimental package.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
-from trl import DPOConfig
+from transformers import TrainingArguments
+from trl import DPOConfig, GRPOConfig, KTOConfig, RLOOConfig, SFTConfig
 
-PROJECTIONS = ("none", "nullspace", "frontier")
-
-
-def _parse_mapping(name: str, value: Any) -> dict[str, Any] | None:
-    """Accept a dict, a JSON object string, or ``k=v,k=v``; return a dict (or None)."""
-    if value is None or isinstance(value, dict):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        if text.startswith("{"):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{name}: could not parse {value!r} as a JSON object ({err})") from None
-            if not isinstance(parsed, dict):
-                raise ValueError(f"{name} must be a mapping, got {value!r}")
-            return parsed
-        out: dict[str, Any] = {}
-        for item in text.split(","):
-            key, sep, val = item.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(
-                    f"{name}: expected 'task=value[,task=value...]' or a JSON object, got {value!r}"
-                )
-            if key.strip() in out:
-                raise ValueError(f"{name}: task {key.strip()!r} is named twice")
-            out[key.strip()] = val.strip()
-        return out
-    raise ValueError(
-        f"{name} must be a mapping (dict, JSON string or 'task=value,...'), got {type(value).__name__}"
-    )
-
-
-def _tolerance(name: str, value: Any) -> float:
-    try:
-        tol = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0 or 'inf', got {value!r}") from None
-    if math.isnan(tol) or tol < 0:
-        raise ValueError(f"{name} must be >= 0 (or inf for no constraint), got {value!r}")
-    return tol
-
-
-def _parse_tolerance(value: Any) -> float | dict[str, float] | None:
-    """A number (or numeric string such as 'inf') for every task, or a mapping {task: number}."""
-    if value is None or isinstance(value, int | float):
-        return None if value is None else _tolerance("capability_tolerance", value)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None  # not a single number: a mapping string (or an error from _parse_mapping)
-        if number is not None:
-            return _tolerance("capability_tolerance", number)
-    mapping = _parse_mapping("capability_tolerance", value)
-    if mapping is None:
-        return None
-    return {task: _tolerance(f"capability_tolerance[{task!r}]", v) for task, v in mapping.items()}
+from frontier_trainer.arguments import (
+    PARAM_CHANGE_POLICIES,
+    PROJECTIONS,
+    SAFETY_DIRECTIONS,
+    FrontierArguments,
+    _parse_mapping,
+    _parse_tolerance,
+    _tolerance,
+)
 
 
 @dataclass
-class FrontierDPOConfig(DPOConfig):
-    """Configuration for :class:`~frontier_trainer.FrontierDPOTrainer`.
+class FrontierDPOConfig(FrontierArguments, DPOConfig):
+    """Configuration for :class:`~frontier_trainer.FrontierDPOTrainer`: all of :class:`trl.DPOConfig`
+    plus the fields of :class:`~frontier_trainer.arguments.FrontierArguments`."""
 
-    All of :class:`trl.DPOConfig`, plus the fields below.
-    """
 
-    projection: str = field(
-        default="nullspace",
-        metadata={
-            "help": "How each optimizer update is constrained: 'none' (bitwise plain DPO), 'nullspace' (move "
-            "only in the null space of the capability directions, Thm 4.3 with δ_C = 0), or 'frontier' "
-            "(the best safety step with per-task capability loss at most capability_tolerance, Thm 4.1/4.3).",
-            "choices": list(PROJECTIONS),
-        },
-    )
-    capability_tolerance: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Frontier mode: ε_i, the largest allowed capability loss per step in units of the step norm "
-            "(⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖). A number for every task or a mapping {task: number}; 'inf' leaves a task "
-            "unconstrained; tasks not in the mapping get 0. Default 0 (no capability loss to first order)."
-        },
-    )
-    capability_datasets: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Capability data {task: source}; a source is a local .json/.jsonl/.csv/.parquet file, a "
-            "local dataset directory, or a hub dataset name. Rows are prompt/completion or text. The "
-            "trainer's capability_datasets keyword overrides this."
-        },
-    )
-    capability_refresh_steps: int = field(
-        default=10, metadata={"help": "Re-estimate capability directions every this many optimizer steps."}
-    )
-    capability_batch_size: int = field(
-        default=8, metadata={"help": "Rows per task in each capability batch used to estimate a direction."}
-    )
-    capability_max_length: int = field(
-        default=512, metadata={"help": "Capability rows longer than this many tokens are dropped."}
-    )
-    capability_ema: float = field(
-        default=0.0,
-        metadata={"help": "Direction smoothing: new = ema·old + (1−ema)·fresh; 0 uses the fresh gradient."},
-    )
-    capability_rank: int = field(
-        default=1,
-        metadata={
-            "help": "Directions kept per task: the gradients of this many disjoint capability batches."
-        },
-    )
+@dataclass
+class FrontierSFTConfig(FrontierArguments, SFTConfig):
+    """:class:`trl.SFTConfig` plus the frontier fields (for :class:`~frontier_trainer.trainers.FrontierSFTTrainer`)."""
 
-    degradation_tracking: bool = field(
-        default=True,
-        metadata={
-            "help": "Log predicted (first-order, from pre-alignment τ_i) versus observed per-task capability "
-            "degradation (Prediction 1, §8) to wandb and output_dir/degradation. Needs capability_datasets."
-        },
-    )
-    capability_eval_datasets: dict | str | None = field(
-        default=None,
-        metadata={
-            "help": "Held-out {task: source} sets on which the observed change of f_i is measured; every task "
-            "must be a capability task. None: observed degradation is not measured (predictions still logged)."
-        },
-    )
-    degradation_eval_steps: int = field(
-        default=50,
-        metadata={
-            "help": "Measure predicted/observed degradation every this many optimizer steps (and at the end)."
-        },
-    )
-    safety_direction_batches: int = field(
-        default=4, metadata={"help": "Training batches averaged into the step-0 safety direction (−∇L_DPO)."}
-    )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
-        self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
-        self.capability_eval_datasets = _parse_mapping(
-            "capability_eval_datasets", self.capability_eval_datasets
-        )
-        self.capability_tolerance = _parse_tolerance(self.capability_tolerance)
-        for name in (
-            "capability_refresh_steps",
-            "capability_batch_size",
-            "capability_max_length",
-            "capability_rank",
-            "degradation_eval_steps",
-            "safety_direction_batches",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= float(self.capability_ema) < 1.0:
-            raise ValueError(f"capability_ema must be in [0, 1), got {self.capability_ema!r}")
+@dataclass
+class FrontierKTOConfig(FrontierArguments, KTOConfig):
+    """:class:`trl.KTOConfig` plus the frontier fields (for :class:`~frontier_trainer.trainers.FrontierKTOTrainer`)."""
 
-    def tolerance_for(self, task: str) -> float:
-        """ε for one task: the scalar, the mapping's entry, or 0 when absent."""
-        tol = self.capability_tolerance
-        if tol is None:
-            return 0.0
-        if isinstance(tol, dict):
-            return float(tol.get(task, 0.0))
-        return float(tol)
+
+@dataclass
+class FrontierGRPOConfig(FrontierArguments, GRPOConfig):
+    """:class:`trl.GRPOConfig` plus the frontier fields (for :class:`~frontier_trainer.trainers.FrontierGRPOTrainer`)."""
+
+
+@dataclass
+class FrontierRLOOConfig(FrontierArguments, RLOOConfig):
+    """:class:`trl.RLOOConfig` plus the frontier fields (for :class:`~frontier_trainer.trainers.FrontierRLOOTrainer`)."""
+
+
+@dataclass
+class FrontierTrainingArguments(FrontierArguments, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the frontier fields: for a plain ``Trainer`` wearing
+    :class:`~frontier_trainer.mixin.FrontierMixin`."""
+
+
+_ORPO: dict[str, type] = {}
+
+
+def _orpo_config() -> type:
+    """``FrontierORPOConfig``, built on first use (ORPO is in ``trl.experimental`` in TRL 1.16)."""
+    if "config" not in _ORPO:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            from trl.experimental.orpo import ORPOConfig
+
+        @dataclass
+        class FrontierORPOConfig(FrontierArguments, ORPOConfig):
+            """``trl.experimental.orpo.ORPOConfig`` plus the frontier fields."""
+
+        FrontierORPOConfig.__module__ = __name__
+        FrontierORPOConfig.__qualname__ = "FrontierORPOConfig"
+        globals()["FrontierORPOConfig"] = FrontierORPOConfig  # picklable as config.FrontierORPOConfig
+        _ORPO["config"] = FrontierORPOConfig
+    return _ORPO["config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FrontierORPOConfig":
+        return _orpo_config()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "PARAM_CHANGE_POLICIES",
+    "PROJECTIONS",
+    "SAFETY_DIRECTIONS",
+    "FrontierArguments",
+    "FrontierDPOConfig",
+    "FrontierGRPOConfig",
+    "FrontierKTOConfig",
+    "FrontierRLOOConfig",
+    "FrontierSFTConfig",
+    "FrontierTrainingArguments",
+    "_parse_mapping",
+    "_parse_tolerance",
+    "_tolerance",
+]

@@ -1,0 +1,234 @@
+"""FrontierArguments: the frontier projection's knobs as a dataclass mixin for any trainer config.
+
+Combine it with a TRL (or transformers) config by multiple inheritance, frontier fields first in
+the bases so that their ``__post_init__`` runs and then defers to the config's own::
+
+    @dataclass
+    class FrontierDPOConfig(FrontierArguments, DPOConfig): ...
+
+Every knob is a documented dataclass field (``metadata["help"]``), so TRL's parser
+(``TrlParser`` / ``HfArgumentParser``), YAML recipes and any script that builds
+``Trainer(model=..., args=cfg, ...)`` keep working. Fields that take a mapping accept a dict in
+Python and YAML, and a JSON string (or ``task=value,task=value``) on the command line, which
+``__post_init__`` parses. Validation happens in ``__post_init__``: a bad value raises a
+``ValueError`` naming the field before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECTIONS = ("none", "nullspace", "frontier")
+
+#: How the degradation tracker gets the safety direction v (see ``tracking.DegradationCallback``).
+SAFETY_DIRECTIONS = ("auto", "loss", "updates")
+
+#: What the projection does when the set of parameters the optimizer updates changes mid-run.
+PARAM_CHANGE_POLICIES = ("retrack", "error")
+
+
+def _parse_mapping(name: str, value: Any) -> dict[str, Any] | None:
+    """Accept a dict, a JSON object string, or ``k=v,k=v``; return a dict (or None)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{name}: could not parse {value!r} as a JSON object ({err})") from None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"{name} must be a mapping, got {value!r}")
+            return parsed
+        out: dict[str, Any] = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(
+                    f"{name}: expected 'task=value[,task=value...]' or a JSON object, got {value!r}"
+                )
+            if key.strip() in out:
+                raise ValueError(f"{name}: task {key.strip()!r} is named twice")
+            out[key.strip()] = val.strip()
+        return out
+    raise ValueError(
+        f"{name} must be a mapping (dict, JSON string or 'task=value,...'), got {type(value).__name__}"
+    )
+
+
+def _tolerance(name: str, value: Any) -> float:
+    try:
+        tol = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0 or 'inf', got {value!r}") from None
+    if math.isnan(tol) or tol < 0:
+        raise ValueError(f"{name} must be >= 0 (or inf for no constraint), got {value!r}")
+    return tol
+
+
+def _parse_tolerance(value: Any) -> float | dict[str, float] | None:
+    """A number (or numeric string such as 'inf') for every task, or a mapping {task: number}."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else _tolerance("capability_tolerance", value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None  # not a single number: a mapping string (or an error from _parse_mapping)
+        if number is not None:
+            return _tolerance("capability_tolerance", number)
+    mapping = _parse_mapping("capability_tolerance", value)
+    if mapping is None:
+        return None
+    return {task: _tolerance(f"capability_tolerance[{task!r}]", v) for task, v in mapping.items()}
+
+
+@dataclass
+class FrontierArguments:
+    """The frontier projection's fields, to combine with any ``TrainingArguments`` subclass.
+
+    Used alone it is a plain dataclass (its ``__post_init__`` only validates its own fields).
+    """
+
+    projection: str = field(
+        default="nullspace",
+        metadata={
+            "help": "How each optimizer update is constrained: 'none' (bitwise the plain trainer), 'nullspace' "
+            "(move only in the null space of the capability directions, Thm 4.3 with δ_C = 0), or 'frontier' "
+            "(the best safety step with per-task capability loss at most capability_tolerance, Thm 4.1/4.3).",
+            "choices": list(PROJECTIONS),
+        },
+    )
+    capability_tolerance: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Frontier mode: ε_i, the largest allowed capability loss per step in units of the step norm "
+            "(⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖). A number for every task or a mapping {task: number}; 'inf' leaves a task "
+            "unconstrained; tasks not in the mapping get 0. Default 0 (no capability loss to first order)."
+        },
+    )
+    capability_datasets: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Capability data {task: source}; a source is a local .json/.jsonl/.csv/.parquet file, a "
+            "local dataset directory, or a hub dataset name. Rows are prompt/completion or text. The "
+            "trainer's capability_datasets keyword overrides this."
+        },
+    )
+    capability_refresh_steps: int = field(
+        default=10, metadata={"help": "Re-estimate capability directions every this many optimizer steps."}
+    )
+    capability_batch_size: int = field(
+        default=8, metadata={"help": "Rows per task in each capability batch used to estimate a direction."}
+    )
+    capability_max_length: int = field(
+        default=512, metadata={"help": "Capability rows longer than this many tokens are dropped."}
+    )
+    capability_ema: float = field(
+        default=0.0,
+        metadata={"help": "Direction smoothing: new = ema·old + (1−ema)·fresh; 0 uses the fresh gradient."},
+    )
+    capability_rank: int = field(
+        default=1,
+        metadata={
+            "help": "Directions kept per task: the gradients of this many disjoint capability batches."
+        },
+    )
+    capability_param_change: str = field(
+        default="retrack",
+        metadata={
+            "help": "When the set of parameters the optimizer updates changes between steps (a parameter frozen "
+            "or unfrozen, a param group's lr set to 0 or back): 'retrack' projects over the new set and "
+            "re-estimates the directions at once; 'error' stops training with a message naming the parameters.",
+            "choices": list(PARAM_CHANGE_POLICIES),
+        },
+    )
+
+    degradation_tracking: bool = field(
+        default=True,
+        metadata={
+            "help": "Log predicted (first-order, from pre-alignment τ_i) versus observed per-task capability "
+            "degradation (Prediction 1, §8) to wandb and output_dir/degradation. Needs capability_datasets."
+        },
+    )
+    capability_eval_datasets: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out {task: source} sets on which the observed change of f_i is measured; every task "
+            "must be a capability task. None: observed degradation is not measured (predictions still logged)."
+        },
+    )
+    degradation_eval_steps: int = field(
+        default=50,
+        metadata={
+            "help": "Measure predicted/observed degradation every this many optimizer steps (and at the end)."
+        },
+    )
+    safety_direction: str = field(
+        default="auto",
+        metadata={
+            "help": "The degradation tracker's safety direction v: 'loss' (−∇ of the trainer's loss on "
+            "safety_direction_batches seeded training batches, before any step; needs a static preference "
+            "dataset), 'updates' (the sum of the optimizer's raw updates over the first "
+            "safety_direction_batches steps: works for every trainer, GRPO included), or 'auto' ('loss' "
+            "for DPO trainers, 'updates' otherwise).",
+            "choices": list(SAFETY_DIRECTIONS),
+        },
+    )
+    safety_direction_batches: int = field(
+        default=4,
+        metadata={
+            "help": "Training batches ('loss') or optimizer steps ('updates') summed into the tracker's "
+            "safety direction."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.capability_param_change not in PARAM_CHANGE_POLICIES:
+            raise ValueError(
+                f"capability_param_change must be one of {PARAM_CHANGE_POLICIES}, got "
+                f"{self.capability_param_change!r}"
+            )
+        if self.safety_direction not in SAFETY_DIRECTIONS:
+            raise ValueError(f"safety_direction must be one of {SAFETY_DIRECTIONS}, got {self.safety_direction!r}")
+        self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
+        self.capability_eval_datasets = _parse_mapping(
+            "capability_eval_datasets", self.capability_eval_datasets
+        )
+        self.capability_tolerance = _parse_tolerance(self.capability_tolerance)
+        for name in (
+            "capability_refresh_steps",
+            "capability_batch_size",
+            "capability_max_length",
+            "capability_rank",
+            "degradation_eval_steps",
+            "safety_direction_batches",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= float(self.capability_ema) < 1.0:
+            raise ValueError(f"capability_ema must be in [0, 1), got {self.capability_ema!r}")
+
+    def tolerance_for(self, task: str) -> float:
+        """ε for one task: the scalar, the mapping's entry, or 0 when absent."""
+        tol = self.capability_tolerance
+        if tol is None:
+            return 0.0
+        if isinstance(tol, dict):
+            return float(tol.get(task, 0.0))
+        return float(tol)
+
+
+__all__ = ["PARAM_CHANGE_POLICIES", "PROJECTIONS", "SAFETY_DIRECTIONS", "FrontierArguments"]
