@@ -308,26 +308,63 @@ def kl_to_base(
     if not prompts:
         raise ValueError("kl_to_base needs at least one prompt.")
     _require_chat_template(tokenizer)
+    base, base_context = _resolve_base(model, base_model)
+
+    sums, counts = _kl_sums(model, base, base_context, tokenizer, prompts, max_new_tokens, batch_size)
+    return float(sum(sums) / sum(counts))
+
+
+def kl_to_base_per_prompt(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    base_model: nn.Module | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> list[float]:
+    """Per-prompt mean per-token KL(p_model || p_base): ``sum_t KL_it / T_i`` for each prompt ``i``.
+
+    The same quantity as :func:`kl_to_base` (same definition, arguments and errors), kept per prompt
+    so callers can put intervals over prompts; :func:`kl_to_base` is the token-weighted pool of the
+    same terms (``sum_it KL_it / sum_i T_i``), so the two means differ when responses differ in length.
+    """
+    prompts = _check_prompts(prompts)
+    _check_positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if not prompts:
+        raise ValueError("kl_to_base_per_prompt needs at least one prompt.")
+    _require_chat_template(tokenizer)
+    base, base_context = _resolve_base(model, base_model)
+    sums, counts = _kl_sums(model, base, base_context, tokenizer, prompts, max_new_tokens, batch_size)
+    return [s / c for s, c in zip(sums, counts, strict=True)]
+
+
+def _resolve_base(model: nn.Module, base_model: nn.Module | None) -> tuple[nn.Module, Any]:
+    """The reference model and the context manager under which to run it (see :func:`kl_to_base`)."""
     if base_model is None:
         if not _is_peft_model(model):
             raise ValueError(
                 "kl_to_base: model is not a peft model, so there is no base to fall back on; pass "
                 "base_model=<the reference model> (for a peft model the adapter-disabled model is used)."
             )
+        return model, model.disable_adapter
+    return base_model, nullcontext
 
-        def base_context():
-            return model.disable_adapter()
 
-        base = model
-    else:
-
-        def base_context():
-            return nullcontext()
-
-        base = base_model
+def _kl_sums(
+    model: nn.Module,
+    base: nn.Module,
+    base_context: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[float], list[int]]:
+    """Per prompt: the sum over response positions of KL_it (float64) and the number of positions T_i."""
     pad_id, eos_ids = _special_ids(base, tokenizer)
     prompt_ids = [_chat_ids(tokenizer, prompt, None) for prompt in prompts]
-
+    sums = [0.0] * len(prompts)
+    counts = [0] * len(prompts)
     with _eval_mode(model, base):
         with base_context():
             responses = _greedy_ids(
@@ -339,8 +376,6 @@ def kl_to_base(
                 batch_size=batch_size,
                 desc="kl: base responses",
             )
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
         device = _device(model)
         base_device = _device(base)
         progress = tqdm(total=len(prompts), desc="kl: score", unit="prompt", leave=False)
@@ -378,13 +413,16 @@ def kl_to_base(
                     dtype = torch.promote_types(sel.dtype, torch.float32)
                     logp = functional.log_softmax(sel.to(dtype), dim=-1)
                     logq = functional.log_softmax(base_sel.to(dtype), dim=-1)
-                    kl = (logp.exp() * (logp - logq)).sum(dim=-1)
-                    total += kl.sum().double().cpu()
-                    count += int(mask.sum())
+                    kl = (logp.exp() * (logp - logq)).sum(dim=-1).double().cpu()
+                    rows_of = torch.arange(len(batch)).unsqueeze(1).expand_as(scored)[scored]
+                    per_row = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows_of, kl)
+                    for r, i in enumerate(batch):
+                        sums[i] += float(per_row[r])
+                        counts[i] += int(scored[r].sum())
                     progress.update(len(batch))
         finally:
             progress.close()
-    return float(total / count)
+    return sums, counts
 
 
 def completion_nll(
@@ -463,3 +501,41 @@ def exact_match_accuracy(
         prediction = _decode(tokenizer, ids, eos_ids).lstrip().split("\n")[0].strip()
         correct += prediction == target.strip()
     return correct / len(prompts)
+
+
+def completion_nll_per_row(
+    model: nn.Module,
+    tokenizer: Any,
+    dataset: datasets.Dataset | Sequence[Mapping[str, str]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> list[float]:
+    """Per-row mean NLL per completion token (nats), rows tokenised exactly as in :func:`completion_nll`.
+
+    Row ``i`` gives ``-(sum of log p(token) over its scored tokens) / (its number of scored tokens)``,
+    in dataset order (rows longer than ``max_length`` tokens are dropped, as there, so the list can be
+    shorter than the dataset). The token-weighted mean of these values (weights = scored tokens)
+    equals :func:`completion_nll`; their plain mean weights every row equally.
+    """
+    _check_positive(batch_size=batch_size, max_length=max_length)
+    data = _as_dataset(dataset, [], "completion_nll_per_row")
+    rows = tokenize_capability_dataset(_EVAL_TASK, data, tokenizer, max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler = CapabilitySampler({_EVAL_TASK: rows}, batch_size=batch_size, pad_token_id=pad_id or 0)
+    device = _device(model)
+    out: list[float] = []
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = sampler.collate(_EVAL_TASK, range(start, min(start + batch_size, len(rows))), device)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            scored = labels != -100
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            logp = functional.log_softmax(logits.to(dtype), dim=-1)
+            token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+            per_row = -token_logp.sum(dim=1).double() / scored.sum(dim=1).clamp(min=1).double()
+            out += per_row.cpu().tolist()
+    return out
