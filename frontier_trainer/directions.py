@@ -17,9 +17,9 @@ direction that improves the capability.
 This module is pure torch + ``datasets`` + a ``transformers`` tokenizer: it imports no
 Trainer, so it can be unit-tested and reused outside TRL. The pieces, in pipeline order:
 
-1. :func:`load_capability_source` turns a source (a ``Dataset``, a local
-   ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local dataset directory or a hub name)
-   into a ``datasets.Dataset``;
+1. :func:`load_capability_source` (from :mod:`frontier_trainer.sources`) turns a source (a
+   ``Dataset``, a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, a local dataset
+   directory, ``lab:<task>``, ``real:<name>`` or a hub name) into a ``datasets.Dataset``;
 2. :func:`tokenize_capability_dataset` validates it and turns it into token rows with
    ``input_ids`` and ``labels`` (``-100`` on unscored tokens);
 3. :class:`CapabilitySampler` draws right-padded batches per task from per-task
@@ -48,6 +48,8 @@ from torch import nn
 from torch.nn import functional
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from frontier_trainer.sources import load_capability_source
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -58,14 +60,6 @@ MetricFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 
 TokenRow = dict[str, list[int]]
 """One tokenised capability example: ``{"input_ids": [...], "labels": [...]}``."""
-
-_FILE_FORMATS: dict[str, str] = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
 # --------------------------------------------------------------------------------------
@@ -135,132 +129,8 @@ def _as_pairs(
     return pairs  # type: ignore[return-value]
 
 
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
-
-
-def _file_format(path: str) -> str | None:
-    """The ``datasets`` builder name for a data file, from its extension (``None``: unknown)."""
-    lowered = path.lower()
-    for suffix in _COMPRESSION_SUFFIXES:
-        if lowered.endswith(suffix):
-            lowered = lowered[: -len(suffix)]
-            break
-    for ext, fmt in _FILE_FORMATS.items():
-        if lowered.endswith(ext):
-            return fmt
-    return None
-
-
-def _select_split(
-    task: str, loaded: datasets.Dataset | datasets.DatasetDict, split: str, source: str
-) -> datasets.Dataset:
-    """Pick ``split`` out of a ``DatasetDict`` (a ``Dataset`` passes through)."""
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(
-                f"capability_datasets[{task!r}]: source {source!r} has no split {split!r} "
-                f"(found splits: {sorted(loaded)})."
-            )
-        return loaded[split]
-    if not isinstance(loaded, datasets.Dataset):
-        raise ValueError(
-            f"capability_datasets[{task!r}]: source {source!r} loaded as {type(loaded).__name__}, "
-            "expected a datasets.Dataset (streaming/iterable datasets are not supported)."
-        )
-    return loaded
-
-
-def _looks_like_path(source: str) -> bool:
-    """Whether a missing source was meant as a local path rather than a hub dataset name.
-
-    Hub names are ``name`` or ``owner/name``; anything absolute, relative (``./``, ``../``,
-    ``~``), with more than one ``/``, or with a data-file extension is taken as a path.
-    """
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or "\\" in source
-        or _file_format(source) is not None
-    )
-
-
-def load_capability_source(
-    task: str, source: str | os.PathLike | datasets.Dataset, split: str = "train"
-) -> datasets.Dataset:
-    """Load one capability source as a ``datasets.Dataset``.
-
-    Resolution order:
-
-    * a ``datasets.Dataset`` passes through unchanged (a ``DatasetDict`` yields ``split``);
-    * an existing local file is loaded by extension (``.json``/``.jsonl`` -> ``"json"``,
-      ``.csv``, ``.parquet``, optionally compressed) with
-      ``load_dataset(fmt, data_files=path, split="train")`` (a single data file has only
-      the ``"train"`` split, whatever ``split`` says);
-    * an existing directory is read with ``load_from_disk`` if it is a saved dataset
-      (``state.json`` or ``dataset_dict.json`` inside), else with ``load_dataset(dir)``
-      (a folder of data files), taking ``split``;
-    * anything else is a hub dataset name, ``load_dataset(name, split=split)``.
-
-    Every failure is re-raised as a ``ValueError`` naming the task and the source, because
-    the trainer calls this before training starts and the user needs to know which
-    ``capability_datasets`` entry is wrong.
-
-    Raises:
-        ValueError: path missing, unknown file extension, unreadable file, missing split,
-            or a hub name that cannot be loaded (e.g. offline).
-    """
-    if isinstance(source, datasets.DatasetDict):
-        return _select_split(task, source, split, f"<DatasetDict {sorted(source)}>")
-    if isinstance(source, datasets.Dataset):
-        return source
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(
-            f"capability_datasets[{task!r}]: source must be a path, a hub dataset name or a "
-            f"datasets.Dataset, got {type(source).__name__}."
-        )
-    source_str = os.fspath(source)
-    path = os.path.expanduser(source_str)
-
-    if os.path.isfile(path):
-        fmt = _file_format(path)
-        if fmt is None:
-            raise ValueError(
-                f"capability_datasets[{task!r}]: cannot tell the format of file {source_str!r}; "
-                f"use one of {sorted(_FILE_FORMATS)}."
-            )
-        try:
-            return datasets.load_dataset(fmt, data_files=path, split="train")
-        except Exception as err:  # datasets raises many types; the user needs the task name
-            raise ValueError(
-                f"capability_datasets[{task!r}]: could not read {fmt} file {source_str!r}: {err}"
-            ) from err
-
-    if os.path.isdir(path):
-        is_saved = os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
-            os.path.join(path, "dataset_dict.json")
-        )
-        try:
-            loaded = datasets.load_from_disk(path) if is_saved else datasets.load_dataset(path)
-        except Exception as err:
-            raise ValueError(
-                f"capability_datasets[{task!r}]: could not load dataset directory {source_str!r}: {err}"
-            ) from err
-        return _select_split(task, loaded, split, source_str)
-
-    if _looks_like_path(source_str):
-        raise ValueError(f"capability_datasets[{task!r}]: local path {source_str!r} does not exist.")
-    try:
-        loaded = datasets.load_dataset(source_str, split=split)
-    except Exception as err:
-        raise ValueError(
-            f"capability_datasets[{task!r}]: {source_str!r} is not an existing local path and could "
-            f"not be loaded as a hub dataset (the hub is unreachable offline, with HF_HUB_OFFLINE / "
-            f"HF_DATASETS_OFFLINE set, or the name or split {split!r} is wrong): {err}"
-        ) from err
-    return _select_split(task, loaded, split, source_str)
+# Loading (step 1) lives in :mod:`frontier_trainer.sources`, the one registry of source schemes;
+# ``load_capability_source`` stays importable from here.
 
 
 # --------------------------------------------------------------------------------------

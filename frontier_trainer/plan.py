@@ -1,0 +1,670 @@
+"""The plan of a run, built before training: resolved sources, setting checks and a memory plan.
+
+:class:`FrontierPlan` is the one place where a run's inputs are judged before any weight is
+loaded. The dry run prints it, the training path writes it next to the outputs as provenance
+(mergekit-style: settings, package versions, fingerprints of every source), and the trainer's
+construction checks are :func:`check_arguments` / :func:`check_model` here.
+
+Memory plan (extra state of the frontier machinery, on top of plain training; T = bytes of the
+trainable parameters, k = tasks x ``capability_rank`` directions, m = tasks):
+
+* projector: the snapshot θ_old plus k directions, (k+1) T held between refreshes; with
+  ``capability_ema > 0`` a refresh holds one more fresh gradient, (k+2) T at its peak;
+* degradation tracker (:class:`~frontier_trainer.tracking.DegradationCallback`): its own
+  parameter snapshot plus one gradient per task, (m+1) T between measurements; while it
+  re-linearises at an eval step the new m gradients exist next to the old ones, (2m+1) T;
+* checkpoint: ``frontier_state.pt`` stores the k directions, k T on disk per checkpoint.
+
+With the defaults (rank 1, tracking on) projector + tracker are 2(m+1) T, twice the (k+1) T
+of the projector alone. T is counted from the real parameter set: the model is built on the
+``meta`` device from its ``config.json`` (no weights read) and, with ``use_peft``, the real PEFT
+config is applied with :func:`peft.get_peft_model`, so every trainable tensor and its dtype are
+the ones training will have. A hub model whose config is not on this machine has an unknown
+size offline, which is reported, not an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frontier_trainer import sources as source_registry
+from frontier_trainer.sources import OK, InputError, Resolved
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "frontier_plan.json"
+"""Name of the provenance file :meth:`FrontierPlan.write` puts next to the outputs."""
+
+PACKAGES = (
+    "frontier-trainer",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "safetensors",
+)
+"""Packages whose versions the provenance records."""
+
+UNSUPPORTED_OPTIM_MARKERS = ("lomo", "layerwise", "schedule_free")
+"""Optimizers that update parameters inside ``backward`` (LOMO/AdaLomo, layer-wise GaLore/APOLLO)
+or swap parameter values around evaluation (schedule-free): no optimizer step hook sees their
+real update, so the projection cannot be exact."""
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
+
+
+def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> None:
+    """Refuse settings under which the projection cannot be exact, before the trainer is built.
+
+    ``args`` carries the frontier fields (``projection``, ``capability_tolerance``) and the
+    ``transformers.TrainingArguments`` ones; ``sources`` is ``{task: source}``; ``metrics`` the
+    optional ``{task: metric}``.
+
+    Raises:
+        ValueError: projection without capability data, bad task names, tolerances or metrics for
+            unknown tasks, DeepSpeed, FSDP, an optimizer that steps inside backward, or reentrant
+            gradient checkpointing (which breaks ``torch.autograd.grad``).
+    """
+    if args.projection != "none" and not sources:
+        raise ValueError(
+            f"projection={args.projection!r} needs capability data: pass capability_datasets={{task: dataset}} "
+            "to FrontierDPOTrainer or set FrontierDPOConfig.capability_datasets (or use projection='none')."
+        )
+    for task in sources:
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"capability_datasets: task names must be non-empty strings, got {task!r}")
+    if isinstance(args.capability_tolerance, dict):
+        unknown = sorted(set(args.capability_tolerance) - set(sources))
+        if unknown:
+            raise ValueError(
+                f"capability_tolerance names unknown task(s) {unknown}; the capability tasks are {sorted(sources)}."
+            )
+    unknown_metrics = sorted(set(metrics or {}) - set(sources))
+    if unknown_metrics:
+        raise ValueError(
+            f"capability_metrics names unknown task(s) {unknown_metrics}; tasks are {sorted(sources)}."
+        )
+    if args.projection == "none":
+        return
+    fix = "Run without it, or set projection='none' for plain DPO."
+    if args.deepspeed:
+        raise ValueError(
+            "FrontierDPOTrainer does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer inside "
+            f"accelerator.backward, where no optimizer hook sees the update, so the projection could not be exact. {fix}"
+        )
+    if args.fsdp:
+        raise ValueError(
+            "FrontierDPOTrainer does not support FSDP yet: parameters are sharded and no sharded projection "
+            f"path is implemented and tested. Use DDP (torchrun / accelerate launch --multi_gpu). {fix}"
+        )
+    optim = str(getattr(args.optim, "value", args.optim))
+    if any(marker in optim for marker in UNSUPPORTED_OPTIM_MARKERS):
+        raise ValueError(
+            f"optim={optim!r} updates parameters inside backward (or swaps them around evaluation), so the "
+            "realised update is invisible to the projection. Use a step-based optimizer such as adamw_torch."
+        )
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; read both
+    ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(
+        args, "gradient_checkpointing", False
+    )
+    ckpt_kwargs = (
+        getattr(args, "activation_checkpointing_kwargs", None)
+        or getattr(args, "gradient_checkpointing_kwargs", None)
+        or {}
+    )
+    if ckpt_on and ckpt_kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} breaks torch.autograd.grad, which the "
+            "capability directions need. Use {'use_reentrant': False} (the transformers default)."
+        )
+
+
+def check_model(
+    model: torch.nn.Module, *, deepspeed_enabled: bool = False, fsdp_enabled: bool = False
+) -> None:
+    """Refuse a built model the projection cannot move exactly (the checks after ``Trainer.__init__``).
+
+    Raises:
+        ValueError: DeepSpeed/FSDP enabled through the accelerate config, or trainable parameters in
+            pure low precision (θ_old + δ would be rounded).
+    """
+    if deepspeed_enabled or fsdp_enabled:
+        raise ValueError(
+            "FrontierDPOTrainer: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
+            "supports single-process and DDP training only. Use projection='none' or plain DDP."
+        )
+    low = sorted(
+        {
+            str(p.dtype)
+            for p in model.parameters()
+            if p.requires_grad and p.dtype not in (torch.float32, torch.float64)
+        }
+    )
+    if low:
+        raise ValueError(
+            f"trainable parameters are {low}: pure low-precision weights round θ_old + δ and break the "
+            "projection's exactness. Load the model with dtype=torch.float32 and train with bf16=True/fp16=True "
+            "(autocast over fp32 master weights)."
+        )
+
+
+def check_recipe_settings(
+    training_args: Any, model_args: Any, tasks: Sequence[str], eval_tasks: Sequence[str]
+) -> None:
+    """Cross-key checks of a recipe, named by recipe key (the CLI's view of :func:`check_arguments`).
+
+    Raises:
+        InputError: projection without capability data, eval or tolerance tasks that are not
+            capability tasks, or low-precision full weights (``dtype: bfloat16`` without PEFT).
+    """
+    if training_args.projection != "none" and not tasks:
+        raise InputError(
+            f"capability_datasets: projection={training_args.projection!r} needs capability data; "
+            "set capability_datasets: {task: source} or projection: none."
+        )
+    stray = sorted(set(eval_tasks) - set(tasks))
+    if stray:
+        raise InputError(f"capability_eval_datasets: task(s) {stray} are not capability tasks {list(tasks)}.")
+    if isinstance(training_args.capability_tolerance, dict):
+        stray = sorted(set(training_args.capability_tolerance) - set(tasks))
+        if stray:
+            raise InputError(f"capability_tolerance: task(s) {stray} are not capability tasks {list(tasks)}.")
+    if (
+        training_args.projection != "none"
+        and not model_args.use_peft
+        and model_args.dtype in ("bfloat16", "float16")
+    ):
+        raise InputError(
+            f"dtype: {model_args.dtype} makes the trainable weights low precision, which breaks the projection's "
+            "exactness; use dtype: float32 with bf16: true (autocast over fp32 weights), or use_peft: true."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    """Extra memory of the frontier machinery, from the real trainable parameter set.
+
+    Attributes:
+        trainable_parameters: number of trainable scalars (``None``: unknown offline).
+        trainable_bytes: T, their bytes in the dtype training keeps them in.
+        num_directions: k = tasks x ``capability_rank`` (0 without projection).
+        num_tasks: m.
+        tracking: whether the degradation tracker runs.
+        ema: whether ``capability_ema > 0`` (a refresh then holds one more gradient).
+        source: where the parameter set came from (``config.json``, ``hub cache``, ...).
+    """
+
+    trainable_parameters: int | None
+    trainable_bytes: int | None
+    num_directions: int
+    num_tasks: int
+    tracking: bool
+    ema: bool
+    source: str
+
+    def _times(self, n: int) -> int | None:
+        if n == 0:
+            return 0
+        return None if self.trainable_bytes is None else n * self.trainable_bytes
+
+    @property
+    def bytes_per_parameter(self) -> int | None:
+        """Average bytes per trainable scalar (4 for fp32 weights or LoRA adapters)."""
+        if not self.trainable_parameters or self.trainable_bytes is None:
+            return None
+        return self.trainable_bytes // self.trainable_parameters
+
+    @property
+    def projector_bytes(self) -> int | None:
+        """(k+1) T between refreshes (snapshot + k directions); 0 without projection."""
+        return self._times(self.num_directions + 1 if self.num_directions else 0)
+
+    @property
+    def projector_peak_bytes(self) -> int | None:
+        """(k+2) T during a refresh with ``capability_ema > 0``, else (k+1) T."""
+        extra = 1 if self.ema and self.num_directions else 0
+        return self._times(self.num_directions + 1 + extra if self.num_directions else 0)
+
+    @property
+    def tracker_bytes(self) -> int | None:
+        """(m+1) T between measurements (the tracker's snapshot + m gradients); 0 without tracking."""
+        return self._times(self.num_tasks + 1 if self.tracking and self.num_tasks else 0)
+
+    @property
+    def tracker_peak_bytes(self) -> int | None:
+        """(2m+1) T while the tracker re-linearises (old and new gradients at once)."""
+        return self._times(2 * self.num_tasks + 1 if self.tracking and self.num_tasks else 0)
+
+    @property
+    def checkpoint_bytes(self) -> int | None:
+        """k T: the directions ``frontier_state.pt`` stores per checkpoint (plus a small header)."""
+        return self._times(self.num_directions)
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Projector + tracker held between steps (device memory on every process)."""
+        a, b = self.projector_bytes, self.tracker_bytes
+        return None if a is None or b is None else a + b
+
+    @property
+    def total_peak_bytes(self) -> int | None:
+        """Upper bound: both peaks at once."""
+        a, b = self.projector_peak_bytes, self.tracker_peak_bytes
+        return None if a is None or b is None else a + b
+
+    def to_json(self) -> dict[str, Any]:
+        """All counts, JSON-serialisable."""
+        names = [f.name for f in dataclasses.fields(self)]
+        props = [
+            "projector_bytes",
+            "projector_peak_bytes",
+            "tracker_bytes",
+            "tracker_peak_bytes",
+            "checkpoint_bytes",
+        ]
+        return {
+            **{n: getattr(self, n) for n in names},
+            **{p: getattr(self, p) for p in [*props, "total_bytes"]},
+        }
+
+
+def load_config_file(path: str | os.PathLike[str]) -> Any:
+    """A ``PretrainedConfig`` from a ``config.json`` file (or a directory holding one).
+
+    Raises:
+        InputError: the file is missing, not JSON, or has no ``model_type``.
+    """
+    from transformers import AutoConfig
+
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        values = json.loads(file.read_text())
+        model_type = values.pop("model_type")
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(
+            f"model_config: cannot read a config.json with a model_type from {str(path)!r}: {err!r}"
+        ) from None
+    return AutoConfig.for_model(model_type, **values)
+
+
+def model_config(model: Resolved, fallback: str | os.PathLike[str] | None = None) -> tuple[Any | None, str]:
+    """The model's ``PretrainedConfig`` without weights, and where it came from.
+
+    A local (or cached lab/real) directory's ``config.json``; the lab's default architecture when
+    the lab model is not built yet; the hub cache for a hub name; else the ``fallback``
+    ``config.json`` (a recipe's ``model_config``); else ``(None, reason)``.
+    """
+    from transformers import AutoConfig
+
+    if model.path is not None:
+        return AutoConfig.from_pretrained(model.path), "config.json"
+    if model.scheme == "lab":
+        from frontier_trainer.lab import build_model, build_tokenizer
+        from frontier_trainer.lab.pretraining import LabConfig
+
+        with torch.device("meta"):
+            return build_model(LabConfig(), build_tokenizer()).config, "lab defaults"
+    if model.scheme == "hub":
+        try:
+            return AutoConfig.from_pretrained(model.value, local_files_only=True), "hub cache"
+        except Exception as err:  # not in the local hub cache: unknown offline, not an error
+            logger.debug("no cached config for %s: %s", model.value, err)
+    if fallback is not None:
+        return load_config_file(fallback), f"model_config {os.fspath(fallback)}"
+    return None, "unknown offline (no config.json on this machine)"
+
+
+def _weights_dtype(model_args: Any, config: Any) -> torch.dtype:
+    name = getattr(model_args, "dtype", None)
+    if name in (None, "auto"):
+        name = str(getattr(config, "dtype", None) or "float32") if name == "auto" else "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def trainable_parameter_set(config: Any, model_args: Any) -> tuple[int, int]:
+    """``(count, bytes)`` of the trainable parameters training will have, built on the meta device.
+
+    The model comes from ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")`` (no
+    memory, no weights) in the dtype ``model_args.dtype`` loads; with ``use_peft`` the real PEFT
+    config (:func:`trl.get_peft_config`) is applied with :func:`peft.get_peft_model`, so target
+    matching, ``modules_to_save``, DoRA and the adapters' fp32 upcast are peft's own.
+
+    Raises:
+        InputError: PEFT cannot wrap the model (e.g. no default targets for the model type).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_weights_dtype(model_args, config))
+        if getattr(model_args, "use_peft", False):
+            from peft import get_peft_model
+            from trl import get_peft_config
+
+            try:
+                model = get_peft_model(model, get_peft_config(model_args))
+            except ValueError as err:
+                raise InputError(f"lora_target_modules: peft cannot wrap this model: {err}") from None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def plan_memory(
+    training_args: Any,
+    model_args: Any,
+    model: Resolved,
+    num_tasks: int,
+    trainable_parameters: int | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> MemoryPlan:
+    """The :class:`MemoryPlan` of a run.
+
+    ``trainable_parameters`` overrides the count (at 4 bytes each); ``config_file`` is the
+    ``config.json`` used when the model's own is not on this machine.
+    """
+    k = 0 if training_args.projection == "none" else num_tasks * int(training_args.capability_rank)
+    tracking = bool(getattr(training_args, "degradation_tracking", False)) and num_tasks > 0
+    ema = float(getattr(training_args, "capability_ema", 0.0) or 0.0) > 0
+    if trainable_parameters is not None:
+        return MemoryPlan(
+            trainable_parameters,
+            4 * trainable_parameters,
+            k,
+            num_tasks,
+            tracking,
+            ema,
+            "trainable_parameters (given)",
+        )
+    config, origin = model_config(model, config_file)
+    if config is None:
+        return MemoryPlan(None, None, k, num_tasks, tracking, ema, origin)
+    count, size = trainable_parameter_set(config, model_args)
+    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin)
+
+
+def human_bytes(n: float | None) -> str:
+    """``1.5 MiB``-style size (``unknown`` for ``None``)."""
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# --------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of :data:`PACKAGES` (``None`` when one is not installed)."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(getattr(value, "value", value))
+
+
+def _settings(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    raw = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    return {k: _jsonable(v) for k, v in raw.items() if not k.startswith("_") and "token" not in k.lower()}
+
+
+@dataclass
+class FrontierPlan:
+    """Everything decided before training (see the module docstring).
+
+    Attributes:
+        model: the resolved model source.
+        preferences: the resolved preference data (``None`` when none was asked for).
+        capabilities: the resolved ``capability_datasets``, in task order.
+        evaluations: the resolved ``capability_eval_datasets``.
+        memory: the :class:`MemoryPlan`.
+        settings: ``{"training": ..., "model": ..., "script": ...}`` as JSON values.
+        world_size: processes that will train.
+        forced_cpu: a dry run had to force ``use_cpu`` (bf16 recipe, no GPU here).
+    """
+
+    model: Resolved
+    preferences: Resolved | None
+    capabilities: list[Resolved]
+    evaluations: list[Resolved]
+    memory: MemoryPlan
+    settings: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    forced_cpu: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        training_args: Any,
+        model_args: Any,
+        script_args: Any = None,
+        dataset_args: Any = None,
+        *,
+        offline: bool,
+        trainable_parameters: int | None = None,
+        model_config_file: str | os.PathLike[str] | None = None,
+        forced_cpu: bool = False,
+    ) -> FrontierPlan:
+        """Resolve every source, check the settings and plan the memory; nothing is trained.
+
+        ``offline=True`` (the dry run) resolves only what needs no network and no pretraining.
+
+        Raises:
+            InputError: a bad source or setting, naming the key and the fix.
+        """
+        model = source_registry.resolve_model(model_args.model_name_or_path, offline=offline)
+        preferences = None
+        if script_args is not None:
+            preferences = source_registry.resolve_preferences(
+                script_args.dataset_name,
+                offline=offline,
+                train_split=script_args.dataset_train_split,
+                test_split=script_args.dataset_test_split,
+                config=script_args.dataset_config,
+                streaming=bool(getattr(script_args, "dataset_streaming", False)),
+                mixture=dataset_args,
+            )
+        caps = source_registry.resolve_capabilities(
+            "capability_datasets", training_args.capability_datasets, eval_split=False, offline=offline
+        )
+        evals = source_registry.resolve_capabilities(
+            "capability_eval_datasets",
+            training_args.capability_eval_datasets,
+            eval_split=True,
+            offline=offline,
+        )
+        tasks = list(training_args.capability_datasets or {})
+        check_recipe_settings(
+            training_args, model_args, tasks, list(training_args.capability_eval_datasets or {})
+        )
+        try:
+            check_arguments(training_args, dict.fromkeys(tasks))
+        except InputError:
+            raise
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        memory = plan_memory(
+            training_args, model_args, model, len(tasks), trainable_parameters, model_config_file
+        )
+        settings = {
+            "training": _settings(training_args),
+            "model": _settings(model_args),
+            "script": _settings(script_args),
+        }
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(model, preferences, caps, evals, memory, settings, world, forced_cpu)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def resolutions(self) -> list[Resolved]:
+        """Every resolved source, model first."""
+        return [
+            self.model,
+            *([self.preferences] if self.preferences else []),
+            *self.capabilities,
+            *self.evaluations,
+        ]
+
+    @property
+    def offline(self) -> list[str]:
+        """Keys of the sources that are not resolvable offline (checked at run time)."""
+        return [r.key for r in self.resolutions if r.status != OK]
+
+    @property
+    def capability_fingerprints(self) -> dict[str, str | None]:
+        """``{task: fingerprint}`` of the capability data (what a resume compares)."""
+        return {r.task or r.key: r.fingerprint for r in self.capabilities}
+
+    def capability_data(self, evaluation: bool = False) -> dict[str, Any]:
+        """``{task: Dataset}`` of the loaded capability (or evaluation) sources."""
+        return source_registry.loaded(self.evaluations if evaluation else self.capabilities)
+
+    def to_json(self) -> dict[str, Any]:
+        """The provenance record: settings, package versions, sources with fingerprints, memory."""
+        return {
+            "format": "frontier-trainer plan v1",
+            "versions": package_versions(),
+            "python": platform.python_version(),
+            "world_size": self.world_size,
+            "forced_cpu": self.forced_cpu,
+            "sources": [r.to_json() for r in self.resolutions],
+            "memory": self.memory.to_json(),
+            "settings": self.settings,
+        }
+
+    def write(self, directory: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` as ``frontier_plan.json`` in ``directory`` (created); returns the path."""
+        path = Path(directory) / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        logger.info("wrote the run's plan (provenance) to %s", path)
+        return path
+
+    def lines(self, training_args: Any, model_args: Any) -> list[str]:
+        """The plan as text lines (what ``--dry-run`` prints)."""
+        lines = []
+        for res in self.resolutions:
+            tag = "ok" if res.status == OK else "not resolvable offline"
+            fp = f" ({res.fingerprint[:23]}...)" if res.fingerprint else ""
+            lines.append(f"  {res.key}: {res.value}  [{tag}] {res.detail}{fp}")
+        tasks = [r.task for r in self.capabilities]
+        if model_args.use_peft:
+            targets = model_args.lora_target_modules or "peft default"
+            training = f"LoRA r={model_args.lora_r} alpha={model_args.lora_alpha} targets={targets}"
+        else:
+            training = "full fine-tune"
+        if training_args.projection == "frontier":
+            tolerance: Any = {t: training_args.tolerance_for(t) for t in tasks}
+        else:
+            tolerance = "n/a (projection is not 'frontier')"
+        if training_args.max_steps > 0:
+            steps = f"max_steps={training_args.max_steps}"
+        else:
+            steps = f"num_train_epochs={training_args.num_train_epochs}"
+        per_device, accum = (
+            training_args.per_device_train_batch_size,
+            training_args.gradient_accumulation_steps,
+        )
+        scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+        mode = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+        device = "cpu" if training_args.use_cpu else "accelerator if present"
+        if self.forced_cpu:
+            device = "GPU (none here: parsed with use_cpu for this dry run)"
+        lines += [
+            f"  training: {training}",
+            f"  projection: {training_args.projection}; capability tasks: {tasks or 'none'}; "
+            f"rank {training_args.capability_rank}",
+            f"  capability_tolerance: {tolerance}",
+            f"  steps: {steps}, learning_rate={training_args.learning_rate}, lr_scheduler={scheduler}",
+            f"  batch: per_device_train_batch_size={per_device} x gradient_accumulation_steps={accum} x "
+            f"world_size={self.world_size} = {per_device * accum * self.world_size}; "
+            f"capability_batch_size={training_args.capability_batch_size}, "
+            f"capability_refresh_steps={training_args.capability_refresh_steps}",
+            f"  precision: {mode}, weights dtype={model_args.dtype}, device={device}",
+            f"  output_dir: {training_args.output_dir}; report_to: {training_args.report_to}",
+        ]
+        mem = self.memory
+        if mem.trainable_bytes is None:
+            lines.append(f"  memory: unknown ({mem.source}; pass --trainable_parameters N)")
+        else:
+            lines += [
+                f"  trainable parameters: {mem.trainable_parameters:,}, {human_bytes(mem.trainable_bytes)} "
+                f"(T; from {mem.source}, built on the meta device)",
+                f"  projector: (k+1) T, k = {mem.num_tasks} tasks x rank {training_args.capability_rank} = "
+                f"{mem.num_directions}: {human_bytes(mem.projector_bytes)} "
+                f"(peak {human_bytes(mem.projector_peak_bytes)}) per process",
+                f"  degradation tracker: (m+1) T = {human_bytes(mem.tracker_bytes)} "
+                f"(peak (2m+1) T = {human_bytes(mem.tracker_peak_bytes)}) per process",
+                f"  total extra: {human_bytes(mem.total_bytes)} per process; checkpoint frontier_state.pt: "
+                f"{human_bytes(mem.checkpoint_bytes)}",
+            ]
+        counts = {
+            "directions_extra_bytes": mem.projector_bytes,  # (k+1) T, the projector alone
+            "tracker_extra_bytes": mem.tracker_bytes,
+            "total_extra_bytes": mem.total_bytes,
+            "checkpoint_bytes": mem.checkpoint_bytes,
+        }
+        lines += [f"  {name}: {value if value is not None else 'unknown'}" for name, value in counts.items()]
+        offline = self.offline
+        lines.append(
+            f"  not resolvable offline (checked at run time): {offline}"
+            if offline
+            else "  everything resolved."
+        )
+        return lines
+
+
+__all__ = [
+    "PLAN_FILE",
+    "UNSUPPORTED_OPTIM_MARKERS",
+    "FrontierPlan",
+    "MemoryPlan",
+    "check_arguments",
+    "check_model",
+    "check_recipe_settings",
+    "human_bytes",
+    "load_config_file",
+    "model_config",
+    "package_versions",
+    "plan_memory",
+    "trainable_parameter_set",
+]
