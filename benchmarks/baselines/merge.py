@@ -63,7 +63,9 @@ def linear_merge_config(base_dir: Path, aligned_dir: Path, t: float) -> dict[str
             {"model": str(aligned_dir), "parameters": {"weight": t}},
         ],
         "dtype": "float32",
-        "tokenizer_source": "base",
+        # no tokenizer_source: with one, mergekit resizes the embeddings and head to the tokenizer's
+        # length (a padded vocabulary of 64 became 49 rows on the tiny model); copy_tokenizer copies
+        # the base model's tokenizer files unchanged instead.
     }
 
 
