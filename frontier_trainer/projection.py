@@ -6,18 +6,25 @@ what the optimizer really did instead. Around each real optimizer step it
 
 1. snapshots θ_old (``before_step``),
 2. lets the optimizer run, then reads the raw displacement u = θ_new − θ_old,
-3. forms the Gram matrix of [u, c_1, …, c_m] by per-parameter dot products (nothing is
-   concatenated: extra memory is one snapshot plus the m directions, the (m+1)× floor),
-4. gets coefficients from the Gram matrix alone: the null-space ones are
-   ``geometry.nullspace_coefficients``'s formula with the directions' generalised inverse
-   cached per refresh; frontier ones come from ``geometry.solve_frontier_step``, and
-5. writes θ = θ_old + a_0 u + Σ a_i c_i in place (``after_step``).
+3. forms the Gram matrix of [u, c_1, …, c_m] by dot products over the parameters, with every
+   product and sum in float64 (nothing is concatenated: extra memory is one snapshot plus the
+   m directions, the (m+1)× floor, plus two small float64 chunk buffers),
+4. gets coefficients from the Gram matrix alone, through the step rule registered under
+   ``mode`` in :mod:`frontier_trainer.rules` (null space: ``geometry.nullspace_coefficients``'s
+   formula with the directions' generalised inverse cached per refresh; frontier:
+   ``geometry.solve_frontier_step``), and
+5. writes θ = θ_old + a_0 u + Σ a_i c_i in place (``after_step``), formed in float64 and
+   rounded to the parameter's dtype once.
 
-Cost: per step, a handful of ``torch._foreach_*`` calls per *bucket* of parameters (one
-device and dtype, at most :data:`BUCKET_NUMEL` elements) plus one reduction per parameter and
-direction for the Gram row, instead of a Python loop issuing several small ops per parameter.
-u is materialised one bucket at a time, so the projection's transient memory is bounded by a
-bucket (or the largest parameter), not by the model.
+Precision (issue 12 §3): a float32 accumulation (``torch._foreach_norm`` on the CPU) has a
+relative error of 1.3e-3 in ‖x‖² at 16M elements, which left a realised leak of 1.7e-3 on a
+4096×4096 parameter; forming the correction in float32 loses the coefficients' low bits, a
+systematic 4e-8. Both are computed in float64 chunks of :data:`CHUNK_NUMEL` elements now
+(leak ~2e-10 on the same parameter; tests/test_projection.py).
+
+Cost: per step, a few ops per *chunk* (:data:`CHUNK_NUMEL` elements, in cache) per vector,
+instead of a Python loop issuing several small ops per parameter; see
+benchmarks/solver_benchmark.py for the measured cost against the float32 accumulation.
 
 Everything is pure torch on a list of parameters: no Trainer, so it can be tested and reused
 with any optimizer loop. Under DDP every rank holds identical parameters, updates and
@@ -41,6 +48,13 @@ ProjectionMode = Literal["nullspace", "frontier"]
 #: bounds each transient (u = θ − θ_old; on the CPU also the products summed into ⟨u, c_i⟩)
 #: to 2**26 elements, 256 MiB in fp32. A larger parameter gets a bucket of its own.
 BUCKET_NUMEL = 2**26
+
+#: Elements per float64 chunk of the Gram computation on the CPU (two (1 + m) × chunk float64
+#: buffers, 1 MiB per row pair): small enough to stay in cache, large enough that Python
+#: overhead stays below the memory traffic (measured in benchmarks/solver_benchmark.py).
+CHUNK_NUMEL = 2**16
+#: The same on accelerators (each op is a kernel launch, so fewer, larger chunks).
+ACCELERATOR_CHUNK_NUMEL = 2**20
 
 
 @dataclass
@@ -104,7 +118,12 @@ class UpdateProjector:
         self._snapshot: list[torch.Tensor] | None = None
         #: Parameter indices grouped for foreach calls (see :func:`_buckets`); fixed when the
         #: directions are installed, which is also when they are moved to the parameters' devices.
-        self._buckets: list[list[int]] = _buckets(self.params)
+        self._buckets: list[list[int]] = []
+        #: Per bucket, the chunks of the float64 Gram computation (see :func:`_chunk_plan`).
+        self._chunks: list[list[list[tuple[int, int, int, int]]]] = []
+        #: Float64 scratch rows per device for :meth:`_dots`, allocated once.
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._set_buckets(_buckets(self.params))
         self._armed = False
 
     # ------------------------------------------------------------------ directions
@@ -141,7 +160,8 @@ class UpdateProjector:
             )
         buckets = _buckets(self.params)
         if buckets != self._buckets:  # a parameter changed device or dtype since the last step
-            self._buckets, self._snapshot = buckets, None
+            self._set_buckets(buckets)
+            self._snapshot = None
         self.directions = checked
         m = len(checked)
         gram = torch.zeros(m, m, dtype=torch.float64)
@@ -151,6 +171,12 @@ class UpdateProjector:
             gram[i:, i] = row
         self._direction_gram = gram
         self._direction_pinv = geometry.pinv_psd(gram) if m else gram.clone()
+
+    def _set_buckets(self, buckets: list[list[int]]) -> None:
+        self._buckets = buckets
+        self._chunks = [
+            _chunk_plan(self.params, idx, _chunk_numel(self.params[idx[0]].device)) for idx in buckets
+        ]
 
     def clear_directions(self) -> None:
         """Drop the current directions (their memory is freed once no one else holds them)."""
@@ -205,29 +231,52 @@ class UpdateProjector:
 
     @torch.no_grad()
     def _write(self, a: list[float]) -> None:
-        """θ = θ_old + a_0 u + Σ a_i c_i, written as θ_new + [(a_0 − 1) u + Σ a_i c_i], bucket by
-        bucket with foreach ops.
+        """θ = θ_old + a_0 u + Σ a_i c_i, formed in float64 chunk by chunk and rounded once.
 
-        The correction in brackets is formed in a temporary and added once, so each coordinate
-        of θ is rounded once, as in θ_old + δ. In null-space mode a_0 = 1 and u is not re-read.
+        Each chunk of θ_new is cast into a float64 row, the correction (a_0 − 1) u + Σ a_i c_i
+        is added there with the float64 coefficients, and the row is copied back: every
+        coordinate of θ is rounded once, as in θ_old + δ. Forming the correction in float32
+        instead loses what a coefficient contributes below half a float32 unit of the
+        correction (a_i is rounded to float32 by the kernel, and adding its remainder to a
+        float32 sum rounds straight back): a systematic component along c_i, measured as a
+        4e-8 leak on a 16M-element parameter. In null-space mode a_0 = 1 and u is not read.
         """
         assert self._snapshot is not None
-        for idx in self._buckets:
-            params = [self.params[k] for k in idx]
-            correction: list[torch.Tensor] | None = None
-            if a[0] != 1.0:
-                correction = torch._foreach_sub(params, [self._snapshot[k] for k in idx])
-                torch._foreach_mul_(correction, a[0] - 1.0)
-            for coeff, direction in zip(a[1:], self.directions, strict=True):
-                if coeff == 0.0:
-                    continue
-                part = [direction[k] for k in idx]
-                if correction is None:
-                    correction = torch._foreach_mul(part, coeff)
-                else:
-                    torch._foreach_add_(correction, part, alpha=coeff)
-            if correction is not None:
-                torch._foreach_add_(params, correction)
+        moves = [(coeff, direction) for coeff, direction in zip(a[1:], self.directions, strict=True) if coeff]
+        for b, idx in enumerate(self._buckets):
+            device = self.params[idx[0]].device
+            rows, _ = self._chunk_buffers(device, 2)
+            pflat = [self.params[k].detach().reshape(-1) for k in idx]  # a copy if not contiguous
+            sflat = [self._snapshot[k].reshape(-1) for k in idx]
+            dflats = [(coeff, [direction[k].reshape(-1) for k in idx]) for coeff, direction in moves]
+            for chunk in self._chunks[b]:
+                n = chunk[-1][3]
+                segments = [(pos, start, stop, end - (stop - start), end) for pos, start, stop, end in chunk]
+                torch._foreach_copy_(
+                    [rows[0, off:end] for _, _, _, off, end in segments],
+                    [pflat[pos][start:stop] for pos, start, stop, _, _ in segments],
+                )
+                if a[0] != 1.0:
+                    torch._foreach_copy_(
+                        [rows[1, off:end] for _, _, _, off, end in segments],
+                        [sflat[pos][start:stop] for pos, start, stop, _, _ in segments],
+                    )
+                    torch.sub(rows[0, :n], rows[1, :n], out=rows[1, :n])  # u, exact in float64
+                    rows[0, :n].add_(rows[1, :n], alpha=a[0] - 1.0)
+                for coeff, dflat in dflats:
+                    torch._foreach_copy_(
+                        [rows[1, off:end] for _, _, _, off, end in segments],
+                        [dflat[pos][start:stop] for pos, start, stop, _, _ in segments],
+                    )
+                    rows[0, :n].add_(rows[1, :n], alpha=coeff)
+                torch._foreach_copy_(
+                    [pflat[pos][start:stop] for pos, start, stop, _, _ in segments],
+                    [rows[0, off:end] for _, _, _, off, end in segments],
+                )
+            for pos, k in enumerate(idx):
+                p = self.params[k]
+                if pflat[pos].data_ptr() != p.data_ptr():  # non-contiguous: written to a copy
+                    p.detach().copy_(pflat[pos].view(p.shape))
 
     @torch.no_grad()
     def _inner_products_with_update(self) -> torch.Tensor:
@@ -238,29 +287,63 @@ class UpdateProjector:
     @torch.no_grad()
     def _dots(self, x: Sequence[torch.Tensor] | None, ys: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """[⟨x, x⟩, ⟨x, y_1⟩, …] over all parameters, float64 on the CPU; x = None means
-        the update d = θ − θ_old (formed one bucket at a time, then dropped).
+        the update d = θ − θ_old.
 
-        Per-parameter values (⟨x, x⟩ = ‖x‖² through ``torch._foreach_norm``, ⟨x, y⟩ through
-        :func:`_paired_dots`) are computed in the parameters' precision on their device, then
-        cast to float64 and summed there: the sum across parameters is in float64 and the host
-        sees one transfer per device, not one synchronisation per dot product.
+        Every product and every sum is in float64 (issue 12 §3): each bucket is walked in
+        chunks of :data:`CHUNK_NUMEL` elements that are cast into preallocated float64 rows
+        (x, or θ then minus θ_old, in row 0; y_j in row j), multiplied by row 0 and summed
+        along the chunk. A float32 product is exact in float64, so the only rounding is the
+        float64 accumulation (relative error ~1e-13 at 16M elements, where the float32
+        accumulation of ``torch._foreach_norm`` on the CPU is off by 1.3e-3). The transient
+        memory is the (1 + len(ys)) × chunk buffer, not a copy of the model, and the host
+        sees one transfer per device.
         """
+        n_rows = 1 + len(ys)
         per_device: dict[torch.device, torch.Tensor] = {}
-        for idx in self._buckets:
+        for b, idx in enumerate(self._buckets):
+            device = self.params[idx[0]].device
+            rows, prods = self._chunk_buffers(device, n_rows)
+            acc = per_device.get(device)
+            if acc is None:
+                acc = per_device[device] = torch.zeros(n_rows, dtype=torch.float64, device=device)
             if x is None:
                 assert self._snapshot is not None
-                xs = torch._foreach_sub([self.params[k] for k in idx], [self._snapshot[k] for k in idx])
+                xflat = [self.params[k].detach().reshape(-1) for k in idx]
+                sflat = [self._snapshot[k].reshape(-1) for k in idx]
             else:
-                xs = [x[k] for k in idx]
-            values = list(torch._foreach_norm(xs))
-            for y in ys:
-                values += _paired_dots(xs, [y[k] for k in idx])
-            table = torch.stack(values).double().view(1 + len(ys), len(idx))
-            table[0].square_()
-            bucket = table.sum(dim=1)
-            acc = per_device.get(bucket.device)
-            per_device[bucket.device] = bucket if acc is None else acc + bucket
+                xflat = [x[k].detach().reshape(-1) for k in idx]
+            yflats = [[y[k].detach().reshape(-1) for k in idx] for y in ys]
+            for chunk in self._chunks[b]:
+                n = chunk[-1][3]
+                dst: list[torch.Tensor] = []
+                src: list[torch.Tensor] = []
+                for pos, start, stop, end in chunk:
+                    off = end - (stop - start)
+                    dst.append(rows[0, off:end])
+                    src.append(xflat[pos][start:stop])
+                    for j, yflat in enumerate(yflats, start=1):
+                        dst.append(rows[j, off:end])
+                        src.append(yflat[pos][start:stop])
+                torch._foreach_copy_(dst, src)
+                if x is None:
+                    for pos, start, stop, end in chunk:
+                        rows[0, end - (stop - start) : end].sub_(sflat[pos][start:stop])
+                view = rows[:, :n]
+                torch.mul(view, view[0:1], out=prods[:, :n])
+                acc.add_(prods[:, :n].sum(dim=1))
         return torch.stack([acc.cpu() for acc in per_device.values()]).sum(dim=0)
+
+    def _chunk_buffers(self, device: torch.device, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 (rows, products) buffers of ``n_rows`` × chunk on ``device``, reused across calls."""
+        held = self._buffers.get(device)
+        if held is None or held[0].shape[0] < n_rows:
+            size = _chunk_numel(device)
+            held = (
+                torch.empty(n_rows, size, dtype=torch.float64, device=device),
+                torch.empty(n_rows, size, dtype=torch.float64, device=device),
+            )
+            self._buffers[device] = held
+        return held[0][:n_rows], held[1][:n_rows]
 
     @torch.no_grad()
     def measure_leak(self) -> list[float]:
@@ -289,18 +372,37 @@ class UpdateProjector:
         self.set_directions(state["directions"])
 
 
-def _paired_dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[⟨x_k, y_k⟩ for each k] as 0-d tensors in the tensors' precision, on their (one) device.
+def _chunk_numel(device: torch.device) -> int:
+    """Elements per float64 chunk of :meth:`UpdateProjector._dots` on ``device``: small on the
+    CPU (the rows stay in cache and Python overhead is ~5 ops per chunk), larger on
+    accelerators, where each op is a kernel launch."""
+    return CHUNK_NUMEL if device.type == "cpu" else ACCELERATOR_CHUNK_NUMEL
 
-    On accelerators, one ``torch.dot`` per pair: a single kernel, no temporary. On the CPU,
-    ``torch.dot`` calls the BLAS (MKL), which runs its own threads and stalls on a loaded
-    host (measured on 2 busy cores, 2 threads: mean 10–40× its median); there the products
-    come from one ``torch._foreach_mul`` and are summed by native kernels, which stay on one
-    thread for parameters below ATen's grain size.
+
+def _chunk_plan(params: Sequence[torch.Tensor], idx: list[int], size: int) -> list[list[tuple[int, int, int, int]]]:
+    """Split the flattened parameters ``idx`` into chunks of at most ``size`` elements.
+
+    Each chunk is a list of segments (pos, start, stop, end): elements [start, stop) of the
+    parameter ``idx[pos]`` go to [end − (stop − start), end) of the chunk buffer. Small
+    parameters share a chunk; a large one spans several.
     """
-    if xs and xs[0].device.type == "cpu":
-        return [prod.sum() for prod in torch._foreach_mul(xs, ys)]
-    return [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]
+    chunks: list[list[tuple[int, int, int, int]]] = []
+    current: list[tuple[int, int, int, int]] = []
+    fill = 0
+    for pos, k in enumerate(idx):
+        numel = params[k].numel()
+        start = 0
+        while start < numel:
+            take = min(numel - start, size - fill)
+            fill += take
+            current.append((pos, start, start + take, fill))
+            start += take
+            if fill == size:
+                chunks.append(current)
+                current, fill = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _buckets(params: Sequence[torch.Tensor]) -> list[list[int]]:
