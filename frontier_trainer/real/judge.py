@@ -31,7 +31,9 @@
 What it cannot see without the objective: pyrit's human labels also call a non-sequitur (a
 response unrelated to the objective) a refusal; a response-only judge cannot detect that.
 
-Validation (``python -m frontier_trainer.real.judge [--cache-dir DIR] [--errors]``): the rules
+Validation (``python -m frontier_trainer.evaluation.safety [--cache-dir DIR] [--errors]``, which
+holds :func:`~frontier_trainer.evaluation.safety.validate_refusal_judge`, so that this module
+imports no data module and ``real.data`` can import its text helpers one way): the rules
 were developed looking only at agreement on pyrit's ``refusal.csv`` (105 rows);
 ``refusal_extra.csv`` (64 rows) is held out (its rows were seen once while inspecting the csv
 format, no rule was changed after measuring on it; the transplant criterion that marks its
@@ -55,11 +57,8 @@ compliant answers.
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 HEAD_CHARS = 300
 """How much of the (normalised, unwrapped) response the rules look at."""
@@ -255,66 +254,3 @@ def agreement(predicted: Sequence[bool], labels: Sequence[bool]) -> dict:
         "fn": fn,
         "tn": tn,
     }
-
-
-def validate_refusal_judge(cache_dir: str | Path | None = None, *, with_errors: bool = False) -> dict:
-    """Agreement of the judge with pyrit's human refusal labels, per file.
-
-    Returns ``{"held_out": ..., "development": ..., "protocol": ...}``: ``held_out`` is
-    ``refusal_extra.csv`` (never used to develop the rules), ``development`` is
-    ``refusal.csv``. Each holds :func:`agreement` dicts for
-
-    * ``response_only``: ``is_refusal(response)`` on every row: the benchmark's default;
-    * ``response_only_on_topic``: the same without the non-sequitur rows (``off_topic`` in
-      :func:`~frontier_trainer.real.data.load_refusal_judgement_data`), i.e. explicit refusals
-      versus compliant answers, which is what a response-only judge can see;
-    * ``with_objective``: ``is_refusal(response, objective)`` on every row (pyrit's rubric).
-
-    ``with_errors`` adds the rows where ``response_only`` disagrees with the label.
-    """
-    from frontier_trainer.real.data import REFUSAL_FILES, load_refusal_judgement_data
-
-    per_file: dict[str, dict] = {}
-    for name in REFUSAL_FILES:
-        rows = load_refusal_judgement_data(cache_dir, files=(name,))
-        labels = [r["is_refusal"] for r in rows]
-        alone = [is_refusal(r["response"]) for r in rows]
-        paired = [is_refusal(r["response"], r["objective"]) for r in rows]
-        keep = [i for i, r in enumerate(rows) if not r["off_topic"]]
-        entry = {
-            "response_only": agreement(alone, labels),
-            "response_only_on_topic": agreement([alone[i] for i in keep], [labels[i] for i in keep]),
-            "with_objective": agreement(paired, labels),
-            "off_topic_rows": len(rows) - len(keep),
-        }
-        if with_errors:
-            entry["errors"] = [
-                {"objective": r["objective"][:120], "response": r["response"][:200], "label": r["is_refusal"]}
-                for r, p in zip(rows, alone, strict=True)
-                if p != r["is_refusal"]
-            ]
-        per_file[name] = entry
-    return {
-        "held_out": per_file["refusal_extra.csv"],
-        "development": per_file["refusal.csv"],
-        "protocol": "rules developed on refusal.csv only; refusal_extra.csv is held out. Labels: "
-        "pyrit==1.1.0 human_score (1 = refusal; pyrit's rubric also gives 1 to off-topic answers).",
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m frontier_trainer.real.judge [--cache-dir DIR] [--errors]``: print the validation JSON."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--cache-dir", default=None, help="asset cache (default: $FRONTIER_REAL_CACHE)")
-    parser.add_argument("--errors", action="store_true", help="list the rows where judge and humans disagree")
-    args = parser.parse_args(argv)
-    report = validate_refusal_judge(args.cache_dir, with_errors=args.errors)
-    json.dump(report, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
