@@ -22,18 +22,25 @@ No Trainer, transformers or wandb import here, by design.
 
 from __future__ import annotations
 
-import itertools
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENTANGLED_MIN_TAU",
     "FREE_MAX_TAU",
+    "FRONTIER_NORM_RTOL",
+    "FRONTIER_RIDGE",
     "GRAM_RTOL",
     "ConflictEffect",
+    "FrontierSolution",
     "ScalingFit",
     "conflict_effect",
     "effective_angle",
@@ -47,6 +54,7 @@ __all__ = [
     "pinv_psd",
     "principal_angles",
     "regime",
+    "solve_frontier_qp",
     "solve_frontier_step",
     "task_tax_rates",
     "tax_rate",
@@ -551,48 +559,98 @@ def nullspace_coefficients(gram: torch.Tensor) -> torch.Tensor:
     return coeffs
 
 
-def _span_coordinates(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An isometry between span(columns) and R^r computed from their Gram matrix alone.
+#: Tikhonov term added to the unit-diagonal dual Hessian of :func:`solve_frontier_qp`: keeps
+#: every block invertible when directions are dependent (parallel, repeated, opposite). It
+#: relaxes each constraint by at most this much times its multiplier (relative to ‖u‖).
+FRONTIER_RIDGE: float = 1e-11
 
-    Returns (M, Z): Z[:, j] are the coordinates of column j in an orthonormal basis of the
-    span, and coefficients for a point z are M @ z (min-norm coefficients).
+#: Relative accuracy at which :func:`solve_frontier_qp` accepts ‖δ‖ = ‖u‖.
+FRONTIER_NORM_RTOL: float = 1e-11
+
+_fallback_warned = False
+
+
+@dataclass(frozen=True)
+class FrontierSolution:
+    """Result of :func:`solve_frontier_qp`.
+
+    Attributes:
+        coefficients: float64 a of shape (m+1,), δ = a_0 u + Σ a_i c_i.
+        active: indices i of the capability constraints held at equality (multiplier > 0):
+            pass them back as ``warm_start`` at the next step.
+        converged: False when the solver gave up and ``coefficients`` are the fallback, the
+            null-space step at full budget (it satisfies every constraint).
+        solves: number of box-QP solves used (a cost measure; 0 when u was feasible).
     """
-    unit, inv_norm = _unit_scaling(G)  # rank rule on directions, as in pinv_psd
-    evals, evecs = torch.linalg.eigh(unit)
-    keep = evals > GRAM_RTOL * max(float(evals.max()), 0.0)
-    lam, V = evals[keep], evecs[:, keep]
-    norms = torch.where(inv_norm > 0, 1.0 / inv_norm, torch.zeros_like(inv_norm))
-    Z = (lam.sqrt()[:, None] * V.T) * norms[None, :]  # coordinates of the columns
-    M = inv_norm[:, None] * (V / lam.sqrt()[None, :])  # z -> coefficients
-    return M, Z
+
+    coefficients: torch.Tensor
+    active: tuple[int, ...]
+    converged: bool
+    solves: int
 
 
-def solve_frontier_step(gram: torch.Tensor, tolerances: torch.Tensor | list[float]) -> torch.Tensor:
+def solve_frontier_step(
+    gram: torch.Tensor,
+    tolerances: torch.Tensor | list[float],
+    *,
+    warm_start: Sequence[int] | None = None,
+) -> torch.Tensor:
     """Exact frontier step on the Gram matrix of [u, c_1, …, c_m] (Thm 4.1/4.3 made operational).
 
     Solves  max_δ ⟨u, δ⟩  s.t.  ‖δ‖ ≤ ‖u‖  and  ⟨c_i/‖c_i‖, δ⟩ ≥ −ε_i‖u‖  for every finite ε_i,
     over δ = a_0 u + Σ a_i c_i. Here u is the proposed (raw) update and c_i are capability
     *ascent* directions, so ε_i bounds how much capability i may fall per unit of step; a
-    capability gain is never blocked.
+    capability gain is never blocked. If u itself is feasible the result is exactly
+    (1, 0, …, 0); with every ε_i = inf likewise. Zero c_i are skipped (their constraint
+    0 ≥ −ε_i‖u‖ always holds); parallel and dependent c_i are handled.
 
-    Method (exact, finite): the problem is convex (a ball cut by half-spaces), so a point is
-    optimal iff it satisfies KKT. For an active set A of constraints held at equality the
-    optimum is Thm 4.3's closed form — the min-norm point z_A meeting the equalities plus the
-    residual budget √(R² − ‖z_A‖²) along the part of u orthogonal to span(c_A) — with
-    multipliers from the stationarity condition. Active sets of linearly independent
-    constraints are enumerated by increasing size and the first one meeting KKT (primal
-    feasibility, λ ≥ 0) is returned; conic Carathéodory guarantees one exists. The work is on
-    the (m+1)² Gram matrix only, so it does not grow with the model.
-
-    Zero c_i are skipped (their constraint 0 ≥ −ε_i‖u‖ always holds); parallel and dependent
-    c_i are handled by the independence rule. With every ε_i = inf the result is u itself.
+    The method (polynomial, on the (m+1)² Gram matrix only) is :func:`solve_frontier_qp`'s;
+    this wrapper returns its coefficients. It never raises on a valid Gram matrix: if the
+    solver cannot converge it returns the null-space step at full budget, which satisfies
+    every constraint, and logs a warning once per process.
 
     Args:
         gram: (m+1)×(m+1) Gram matrix of [u, c_1, …, c_m].
         tolerances: m values ε_i ≥ 0; ``float('inf')`` leaves a task unconstrained.
+        warm_start: constraint indices active at the previous step (optional, for speed).
 
     Returns:
         float64 coefficients a of shape (m+1,).
+    """
+    return solve_frontier_qp(gram, tolerances, warm_start=warm_start).coefficients
+
+
+def solve_frontier_qp(
+    gram: torch.Tensor,
+    tolerances: torch.Tensor | list[float],
+    *,
+    warm_start: Sequence[int] | None = None,
+    max_solves: int = 400,
+) -> FrontierSolution:
+    """The frontier step of :func:`solve_frontier_step`, with its active set and status.
+
+    Method. Scale so that ‖u‖ = 1 and write n_i = ĉ_i, b_i = ⟨n_i, u⟩, H = [⟨n_i, n_j⟩] and
+    P = {z : ⟨n_i, z⟩ ≥ −ε_i}. The KKT conditions of max ⟨u, z⟩ over P ∩ {‖z‖ ≤ 1} read
+    u + Σ λ_i n_i = 2μ z, so with s = 1/(2μ) the optimum is z(s) = proj_P(s·u), the Euclidean
+    projection of a point on the ray through u, at the s where ‖z(s)‖ = 1 (Thm 4.3's form:
+    with the active set A fixed, z(s) = z_A + s·P_{A⊥}u, the min-norm point on the active
+    equalities plus the remaining budget along the part of u orthogonal to them).
+
+    1. For a given s, proj_P(s·u) is the strictly convex box QP in the multipliers
+       ν = sλ ≥ 0:  min ½ νᵀ(H + ρI)ν + νᵀ(s·b + ε)  (ρ = :data:`FRONTIER_RIDGE`), solved by a
+       primal active-set method (Lawson–Hanson style: add the most negative gradient
+       coordinate, step back to feasibility when a multiplier would turn negative), warm
+       started from the previous active set. Each iteration is one |A|×|A| solve.
+    2. ‖z(s)‖ is nondecreasing in s, and on a fixed active set ‖z(s)‖² = s²(1 − b_Aᵀ H_AA⁻¹ b_A)
+       + ε_Aᵀ H_AA⁻¹ ε_A, so the next s is read off exactly; a bracket [lo, hi] with
+       ‖z(lo)‖ ≤ 1 ≤ ‖z(hi)‖ falls back to bisection if that guess leaves it. When the active
+       set stops changing, ‖z‖ = 1 and KKT holds. If u lies in the span of the active
+       normals and ‖z‖ < 1 for all larger s, the ball is inactive (a bounded optimum inside
+       it) and that z is returned.
+
+    The result is verified (primal feasibility, ‖δ‖ ≤ ‖u‖); on failure, or after
+    ``max_solves`` QP solves, the null-space step at full budget is returned with
+    ``converged=False`` and a warning is logged once.
     """
     G = _gram("gram", gram)
     m = G.shape[0] - 1
@@ -607,61 +665,171 @@ def solve_frontier_step(gram: torch.Tensor, tolerances: torch.Tensor | list[floa
     coeffs[0] = 1.0
     u_norm2 = float(G[0, 0])
     if u_norm2 <= 0.0:
-        return torch.zeros(m + 1, dtype=torch.float64)  # no proposed step: nothing to do
-    # Scale so that ‖u‖ = 1: coefficients are invariant, and every tolerance below is relative.
-    G = G / u_norm2
-    R = 1.0
-    c_norm = torch.diagonal(G)[1:].clamp_min(0).sqrt()
-    constrained = [
-        i for i in range(m) if math.isfinite(float(eps[i])) and float(c_norm[i]) > math.sqrt(GRAM_RTOL)
-    ]
-    if not constrained:
-        return coeffs
+        return FrontierSolution(torch.zeros(m + 1, dtype=torch.float64), (), True, 0)
+    Gn = (G / u_norm2).numpy()  # coefficients are invariant under this scaling
+    c_norm = np.sqrt(np.clip(np.diagonal(Gn)[1:], 0.0, None))
+    eps_np = eps.numpy()
+    idx = np.array(
+        [i for i in range(m) if math.isfinite(eps_np[i]) and c_norm[i] > math.sqrt(GRAM_RTOL)], dtype=np.int64
+    )
+    if idx.size == 0:
+        return FrontierSolution(coeffs, (), True, 0)
+    cn = c_norm[idx]
+    b = Gn[idx + 1, 0] / cn
+    e = eps_np[idx]
+    feas_tol = 1e-10
+    if bool(np.all(b + e >= -feas_tol)):
+        return FrontierSolution(coeffs, (), True, 0)
+    H = Gn[np.ix_(idx + 1, idx + 1)] / np.outer(cn, cn)
+    A = H + FRONTIER_RIDGE * np.eye(idx.size)
+    position = {int(i): k for k, i in enumerate(idx)}
+    F = [position[int(i)] for i in (warm_start or ()) if int(i) in position]
+    try:
+        result = _frontier_path(A, H, b, e, F, max_solves)
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+        result = None
+    if result is not None:
+        s, nu, F, solves = result
+        slack = H @ nu + s * b + e  # ⟨n_i, z⟩ + ε_i
+        norm2 = s * s + 2.0 * s * float(b @ nu) + float(nu @ H @ nu)
+        if (
+            math.isfinite(s)
+            and np.all(np.isfinite(nu))
+            and float(slack.min()) >= -1e-9
+            and norm2 <= 1.0 + 1e-9
+        ):
+            coeffs[0] = s
+            coeffs[idx + 1] = torch.from_numpy(nu / cn)
+            return FrontierSolution(coeffs, tuple(int(idx[k]) for k in sorted(F)), True, solves)
+    return FrontierSolution(_nullspace_fallback(G), (), False, max_solves if result is None else result[3])
 
-    M, Z = _span_coordinates(G)
-    u_bar = Z[:, 0]
-    normals = {i: Z[:, i + 1] / float(c_norm[i]) for i in constrained}
-    rhs = {i: -float(eps[i]) * R for i in constrained}
-    feas_tol = 1e-10 * R
-    dual_tol = 1e-10
 
-    def feasible(z: torch.Tensor) -> bool:
-        return all(float(normals[i] @ z) >= rhs[i] - feas_tol for i in constrained)
+def _nullspace_fallback(G: torch.Tensor) -> torch.Tensor:
+    """The null-space step P_{C⊥}u rescaled to ‖u‖ (Thm 4.3 with δ_C = 0): ⟨c_i, δ⟩ = 0 for
+    every i, so it meets every tolerance; zero if u lies in span(C). Logs a warning once."""
+    global _fallback_warned
+    if not _fallback_warned:
+        _fallback_warned = True
+        logger.warning(
+            "solve_frontier_step did not converge; using the null-space step at full budget, which "
+            "meets every capability tolerance (warned once per process)"
+        )
+    a = nullspace_coefficients(G)
+    norm2 = float(a @ G @ a)
+    if norm2 <= GRAM_RTOL * float(G[0, 0]):
+        return torch.zeros_like(a)
+    return a * math.sqrt(float(G[0, 0]) / norm2)
 
-    if feasible(u_bar):
-        return coeffs
 
-    r = Z.shape[0]
-    for size in range(1, min(len(constrained), r) + 1):
-        for active in itertools.combinations(constrained, size):
-            N = torch.stack([normals[i] for i in active])  # (k, r)
-            if int(torch.linalg.matrix_rank(N, rtol=1e-9)) < size:
-                continue
-            h = torch.tensor([rhs[i] for i in active], dtype=torch.float64)
-            NNt_inv = torch.linalg.inv(N @ N.T)
-            z_a = N.T @ (NNt_inv @ h)  # min-norm point with N z = h
-            slack = R * R - float(z_a @ z_a)
-            if slack < -feas_tol * R:
-                continue
-            u_perp = u_bar - N.T @ (NNt_inv @ (N @ u_bar))
-            perp_norm = float(u_perp.norm())
-            if perp_norm > 1e-12 * R:
-                t = math.sqrt(max(slack, 0.0))
-                z = z_a + t * u_perp / perp_norm
-                two_mu = perp_norm / t if t > 0 else math.inf
-                if not math.isfinite(two_mu):
-                    continue  # budget exhausted by the equalities alone; a larger set decides
-                # stationarity: u_bar + Nᵀλ = 2μ z  ->  λ = (NNᵀ)⁻¹ N (2μ z − u_bar)
-                lam = NNt_inv @ (N @ (two_mu * z - u_bar))
-            else:
-                z = z_a  # u lies in span(c_A): the objective is flat off the equalities
-                lam = NNt_inv @ (N @ (-u_bar))
-            if float(lam.min()) < -dual_tol:
-                continue
-            if not feasible(z):
-                continue
-            return M @ z
-    raise RuntimeError("solve_frontier_step found no KKT point; the Gram matrix is numerically inconsistent")
+def _frontier_path(
+    A: np.ndarray, H: np.ndarray, b: np.ndarray, e: np.ndarray, F: list[int], max_solves: int
+) -> tuple[float, np.ndarray, list[int], int] | None:
+    """The search over s of :func:`solve_frontier_qp`: returns (s, ν, active set, solves), or
+    None when ``max_solves`` box-QP solves did not settle it."""
+    lo, hi = 1.0, math.inf  # ‖proj_P(u)‖ ≤ ‖u‖ = 1 since 0 ∈ P: s* ≥ 1
+    s = 1.0
+    solves = 0
+    n = b.size
+    while solves < max_solves:
+        nu, F, used = _box_qp(A, s * b + e, F, max_solves - solves)
+        solves += used
+        if nu is None:
+            return None
+        norm2 = s * s + 2.0 * s * float(b @ nu) + float(nu @ H @ nu)
+        if abs(norm2 - 1.0) <= FRONTIER_NORM_RTOL:
+            return s, nu, F, solves
+        if norm2 < 1.0:
+            lo = max(lo, s)
+        else:
+            hi = min(hi, s)
+        if F:
+            AF = A[np.ix_(F, F)]
+            x = np.linalg.solve(AF, b[F])
+            y = np.linalg.solve(AF, e[F])
+            perp2 = 1.0 - float(b[F] @ x)
+            za2 = float(e[F] @ y)
+        else:
+            x = y = np.zeros(0)
+            perp2, za2 = 1.0, 0.0
+        if perp2 <= 1e-12 and norm2 < 1.0:
+            # u lies in span(active normals): z is constant along s on this active set. It is
+            # the optimum (ball inactive) if the set never changes for larger s: multipliers
+            # ν = −(s x + y) keep growing and no inactive gradient turns negative.
+            outside = np.setdiff1d(np.arange(n), F)
+            grows = bool(np.all(-x >= -1e-12))
+            stays = outside.size == 0 or bool(np.all(b[outside] - A[np.ix_(outside, F)] @ x >= -1e-12))
+            if grows and stays:
+                return s, nu, F, solves
+            guess = math.inf
+        elif perp2 <= 1e-12 or za2 >= 1.0:
+            guess = math.inf  # this active set cannot reach ‖z‖ = 1: bisect
+        else:
+            guess = math.sqrt((1.0 - za2) / perp2)
+        if lo < guess < hi and guess != s:
+            s = guess
+        elif math.isfinite(hi):
+            s = 0.5 * (lo + hi)
+        else:
+            s = 2.0 * max(s, lo)
+        if s > 1e12:
+            return None
+    return None
+
+
+def _box_qp(
+    A: np.ndarray, q: np.ndarray, F0: list[int], budget: int
+) -> tuple[np.ndarray | None, list[int], int]:
+    """min ½ νᵀAν + qᵀν over ν ≥ 0 for a positive definite A, by a primal active-set method
+    (Lawson–Hanson's NNLS iteration on a general quadratic), warm started from the free set F0.
+
+    Returns (ν, free set, solves); ν is None if ``budget`` solves were not enough.
+    """
+    n = q.size
+    tol = 1e-13 * max(1.0, float(np.abs(q).max()))
+    nu = np.zeros(n)
+    F = sorted(set(F0))
+    solves = 0
+    while F:  # warm start: the previous free set, shrunk until its solution is positive
+        x = np.linalg.solve(A[np.ix_(F, F)], -q[F])
+        solves += 1
+        if np.all(x > 0):
+            nu[F] = x
+            break
+        F = [f for f, xf in zip(F, x, strict=True) if xf > 0]
+    refused: set[int] = set()
+    while solves < budget:
+        w = A @ nu + q
+        free = np.zeros(n, dtype=bool)
+        free[F] = True
+        if refused:
+            free[list(refused)] = True
+        w_out = np.where(free, np.inf, w)
+        j = int(np.argmin(w_out))
+        if not w_out[j] < -tol:
+            return nu, F, solves
+        F = sorted([*F, j])
+        while solves < budget:
+            x = np.zeros(n)
+            x[F] = np.linalg.solve(A[np.ix_(F, F)], -q[F])
+            solves += 1
+            Fa = np.array(F)
+            bad = Fa[x[Fa] <= 0]
+            if bad.size == 0:
+                nu = x
+                refused.clear()
+                break
+            ratios = nu[bad] / (nu[bad] - x[bad])
+            alpha = float(ratios.min())
+            nu = nu + alpha * (x - nu)
+            nu[nu < 0] = 0.0
+            keep = [f for f in F if nu[f] > 0 and f not in set(bad[ratios <= alpha].tolist())]
+            if j not in keep and alpha == 0.0:
+                refused.add(j)  # numerically it cannot enter: do not try it again at this point
+            F = keep
+            nu[np.setdiff1d(np.arange(n), F)] = 0.0
+            if j in refused:
+                break
+    return None, F, solves
 
 
 # --------------------------------------------------------------------------------------

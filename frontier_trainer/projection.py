@@ -36,13 +36,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from frontier_trainer import geometry
+from frontier_trainer import geometry, rules
 
-ProjectionMode = Literal["nullspace", "frontier"]
+#: A step rule's name in :mod:`frontier_trainer.rules` ("nullspace", "frontier" or a registered one).
+ProjectionMode = str
 
 #: Most elements per bucket of parameters processed by one set of ``torch._foreach_*`` calls:
 #: bounds each transient (u = θ − θ_old; on the CPU also the products summed into ⟨u, c_i⟩)
@@ -85,10 +85,12 @@ class UpdateProjector:
     Args:
         params: the trainable parameters, in a fixed order (fp32 or fp64: the write
             θ_old + δ must not round away the guarantee; pure bf16/fp16 is refused).
-        mode: ``"nullspace"`` (δ = P_{C⊥}u, Thm 4.3 with δ_C = 0) or ``"frontier"``
-            (δ maximises ⟨u, δ⟩ with ‖δ‖ ≤ ‖u‖ and ⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖).
-        tolerances: in frontier mode, one ε ≥ 0 (or inf) per direction, in the order of the
-            directions passed to :meth:`set_directions`.
+        mode: the name of a step rule in :mod:`frontier_trainer.rules`: ``"nullspace"``
+            (δ = P_{C⊥}u, Thm 4.3 with δ_C = 0), ``"frontier"`` (δ maximises ⟨u, δ⟩ with
+            ‖δ‖ ≤ ‖u‖ and ⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖, Thm 4.1/4.3) or any rule registered with
+            :func:`frontier_trainer.rules.register_step_rule`.
+        tolerances: for a rule that needs them (frontier), one ε ≥ 0 (or inf) per direction,
+            in the order of the directions passed to :meth:`set_directions`.
     """
 
     def __init__(
@@ -97,8 +99,7 @@ class UpdateProjector:
         mode: ProjectionMode = "nullspace",
         tolerances: Sequence[float] | None = None,
     ) -> None:
-        if mode not in ("nullspace", "frontier"):
-            raise ValueError(f"mode must be 'nullspace' or 'frontier', got {mode!r}")
+        self._rule = rules.get_step_rule(mode)  # the error lists the registered rules
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("params is empty: there are no trainable parameters to project")
@@ -112,6 +113,13 @@ class UpdateProjector:
         self.mode: ProjectionMode = mode
         self.tolerances = None if tolerances is None else [float(t) for t in tolerances]
         self.directions: list[list[torch.Tensor]] = []
+        #: One label per direction for error messages (``set_directions(names=...)``).
+        self.direction_names: list[str] = []
+        #: Scratch the step rule keeps between steps (warm starts); emptied with new directions.
+        self._rule_state: dict = {}
+        #: True between an after_step that projected an update and the next before_step:
+        #: θ − θ_old is then the last applied update (see :meth:`update_leak`).
+        self._applied = False
         self._direction_gram = torch.zeros(0, 0, dtype=torch.float64)
         self._direction_pinv = torch.zeros(0, 0, dtype=torch.float64)
         #: θ_old, one buffer per parameter in ``params`` order (allocated at the first step).
@@ -132,45 +140,83 @@ class UpdateProjector:
     def num_directions(self) -> int:
         return len(self.directions)
 
-    def set_directions(self, directions: Sequence[Sequence[torch.Tensor]]) -> None:
+    def set_directions(
+        self, directions: Sequence[Sequence[torch.Tensor]], *, names: Sequence[str] | None = None
+    ) -> None:
         """Install capability directions: each is a list of tensors shaped like ``params``.
 
         Tensors already on the parameter's device and in its dtype are held as they are (no
         copy). The directions' own Gram block and its generalised inverse (geometry's rank
         rule) are computed once here and reused every step.
+
+        Args:
+            directions: the capability directions c_1 … c_m.
+            names: optional label per direction for error messages, e.g.
+                ``"task 'code' direction 0"``; defaults to ``"direction j"``.
+
+        Raises:
+            ValueError: before anything is installed (the previous directions stay), if a
+                direction has the wrong number or shapes of tensors, if it contains NaN or inf
+                (the message names it and says what to check), or if the mode needs one
+                tolerance per direction and the counts differ.
         """
-        checked: list[list[torch.Tensor]] = []
-        for j, direction in enumerate(directions):
-            if len(direction) != len(self.params):
-                raise ValueError(
-                    f"direction {j} has {len(direction)} tensors for {len(self.params)} parameters"
-                )
-            parts = []
-            for p, c in zip(self.params, direction, strict=True):
-                if c.shape != p.shape:
-                    raise ValueError(
-                        f"direction {j} has a tensor of shape {tuple(c.shape)} for a parameter of {tuple(p.shape)}"
-                    )
-                parts.append(c.detach().to(device=p.device, dtype=p.dtype))
-            checked.append(parts)
-        if self.mode == "frontier" and (self.tolerances is None or len(self.tolerances) != len(checked)):
+        labels = self._labels(len(directions), names)
+        checked = self._check_directions(directions, labels)
+        if self._rule.needs_tolerances and (self.tolerances is None or len(self.tolerances) != len(checked)):
             got = None if self.tolerances is None else len(self.tolerances)
             raise ValueError(
-                f"frontier mode needs one tolerance per direction: {len(checked)} directions, {got} tolerances"
+                f"{self.mode} mode needs one tolerance per direction: {len(checked)} directions, {got} tolerances"
             )
         buckets = _buckets(self.params)
         if buckets != self._buckets:  # a parameter changed device or dtype since the last step
             self._set_buckets(buckets)
             self._snapshot = None
-        self.directions = checked
+            self._applied = False
         m = len(checked)
         gram = torch.zeros(m, m, dtype=torch.float64)
         for i in range(m):
             row = self._dots(checked[i], checked[i + 1 :])  # [⟨c_i, c_i⟩, ⟨c_i, c_j⟩ for j > i]
             gram[i, i:] = row
             gram[i:, i] = row
+        for i in range(m):
+            if not math.isfinite(float(gram[i, i])):
+                raise ValueError(
+                    f"{labels[i]} contains NaN or inf, so it cannot be projected against. Check the "
+                    "capability rows it was computed from (an empty or fully masked batch, a metric "
+                    "that returns NaN or inf) and the loss scaling (an fp16 overflow gives inf "
+                    "gradients). Nothing was installed; the previous directions are kept."
+                )
+        self.directions = checked
+        self.direction_names = labels
         self._direction_gram = gram
         self._direction_pinv = geometry.pinv_psd(gram) if m else gram.clone()
+        self._rule_state = {}
+
+    def _labels(self, count: int, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return [f"direction {j}" for j in range(count)]
+        labels = [str(n) for n in names]
+        if len(labels) != count:
+            raise ValueError(f"names has {len(labels)} entries for {count} directions: give one name per direction")
+        return labels
+
+    def _check_directions(
+        self, directions: Sequence[Sequence[torch.Tensor]], labels: Sequence[str]
+    ) -> list[list[torch.Tensor]]:
+        """Each direction's tensors, checked against ``params`` and moved to their device and dtype."""
+        checked: list[list[torch.Tensor]] = []
+        for label, direction in zip(labels, directions, strict=True):
+            if len(direction) != len(self.params):
+                raise ValueError(f"{label} has {len(direction)} tensors for {len(self.params)} parameters")
+            parts = []
+            for p, c in zip(self.params, direction, strict=True):
+                if c.shape != p.shape:
+                    raise ValueError(
+                        f"{label} has a tensor of shape {tuple(c.shape)} for a parameter of {tuple(p.shape)}"
+                    )
+                parts.append(c.detach().to(device=p.device, dtype=p.dtype))
+            checked.append(parts)
+        return checked
 
     def _set_buckets(self, buckets: list[list[int]]) -> None:
         self._buckets = buckets
@@ -189,6 +235,7 @@ class UpdateProjector:
     @torch.no_grad()
     def before_step(self) -> None:
         """Snapshot θ_old into a buffer that is allocated once and reused."""
+        self._applied = False
         if not self.directions:
             self._armed = False
             return
@@ -212,13 +259,12 @@ class UpdateProjector:
         gram = [u_row] + [[u_row[i + 1], *c_row] for i, c_row in enumerate(self._direction_gram.tolist())]
         # w = (G_CC)⁺ G_Cu: the projection of u onto span(c) is Σ w_i c_i (G_CC⁺ cached per refresh)
         w = self._direction_pinv @ row[1:]
-        if self.mode == "nullspace":
-            a = [1.0, *(-w).tolist()]  # geometry.nullspace_coefficients(gram), bit for bit
-        else:
-            assert self.tolerances is not None
-            gram_t = torch.tensor(gram, dtype=torch.float64)
-            a = geometry.solve_frontier_step(gram_t, self.tolerances).tolist()
+        context = rules.RuleContext(
+            tolerances=self.tolerances, direction_pinv=self._direction_pinv, state=self._rule_state
+        )
+        a = self._rule(torch.tensor(gram, dtype=torch.float64), context)
         report = _report(gram, a, raw_tax_rate=_tax_rate(u_row, w))
+        self._applied = True
         if a[0] == 1.0 and not any(a[1:]):
             # δ = u: leave θ_new untouched so an unconstrained step is bitwise the optimizer's own
             if measure:
@@ -366,10 +412,10 @@ class UpdateProjector:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"directions": [[c.cpu() for c in d] for d in self.directions]}
+        return {"directions": [[c.cpu() for c in d] for d in self.directions], "names": list(self.direction_names)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_directions(state["directions"])
+        self.set_directions(state["directions"], names=state.get("names"))
 
 
 def _chunk_numel(device: torch.device) -> int:
