@@ -37,6 +37,7 @@ are unchanged; only the main process logs and writes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -49,28 +50,37 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from frontier_trainer import geometry
 from frontier_trainer.directions import (
     IGNORE_INDEX,
     CapabilitySampler,
+    MetricFn,
     build_capability_sampler,
+    capability_gradients,
     completion_metric,
     deterministic_forward,
     list_dot,
     validate_task_names,
-)
-from frontier_trainer.geometry_report import (
-    average_gradient,
-    capability_directions,
-    gram_matrix,
-    task_geometry,
 )
 
 logger = logging.getLogger(__name__)
 
 UserMetric = Callable[[nn.Module, Any], "float | Mapping[str, float]"]
 """``fn(model, tokenizer) -> float`` or ``{name: float}`` (e.g. ``lab.evaluate``)."""
+
+SafetyFn = Callable[[nn.Module, Sequence[nn.Parameter]], Sequence[torch.Tensor]]
+"""``fn(model, params) -> [tensor per parameter]``: a user-given safety direction v at θ_0."""
+
+SafetyDirection = "str | SafetyFn"
+"""``"auto"``, ``"loss"``, ``"updates"`` or a :data:`SafetyFn` (see :class:`DegradationCallback`)."""
+
+SAFETY_MODES = ("auto", "loss", "updates")
+
+Grads = list[torch.Tensor]
+"""A vector over the trainable parameters, stored as one tensor per parameter."""
 
 TABLE_COLUMNS = ["task", "tau", "angle_deg", "regime", "predicted", "observed"]
 OUTPUT_SUBDIR = "degradation"
@@ -138,6 +148,186 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> float:
                 discordant += 1
     denom = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
     return (concordant - discordant) / denom if denom > 0 else math.nan
+
+
+# --------------------------------------------------------------------------------------
+# Gram geometry (library code: the geometry_report command builds on it, never the reverse)
+# --------------------------------------------------------------------------------------
+
+
+def gram_matrix(vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Float64 Gram matrix ``G[i, j] = ⟨x_i, x_j⟩`` of per-parameter vectors (Remark 4.6's Gram form)."""
+    n = len(vectors)
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            G[i, j] = G[j, i] = float(list_dot(vectors[i], vectors[j]))
+    return G
+
+
+def unit_gram(gram: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the same vectors scaled to unit norm (zero vectors stay zero).
+
+    Every quantity here is invariant to each vector's length, but gradient norms differ by
+    orders of magnitude, and a relative eigenvalue cut-off on the raw Gram matrix would drop
+    the small vectors' own directions and corrupt τ.
+    """
+    G = gram.detach().to(torch.float64)
+    norms = torch.diagonal(G).clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    return G * inv[:, None] * inv[None, :]
+
+
+def gram_coordinates(gram: torch.Tensor) -> torch.Tensor:
+    """Coordinates X of shape (r, n) with XᵀX = G: n vectors in R^r with the same geometry.
+
+    From G = VΛVᵀ, X = Λ^{1/2}Vᵀ keeping eigenvalues above ``geometry.GRAM_RTOL`` of the largest.
+
+    Raises:
+        ValueError: ``gram`` is not square, not finite, or all zero.
+    """
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
+    G = gram.detach().to(torch.float64)
+    if not torch.isfinite(G).all():
+        raise ValueError("gram contains NaN or inf (a direction had non-finite gradients)")
+    G = 0.5 * (G + G.T)
+    evals, evecs = torch.linalg.eigh(G)
+    top = float(evals.max())
+    if top <= 0:
+        raise ValueError("gram is all zeros: every direction is the zero vector")
+    keep = evals > geometry.GRAM_RTOL * top
+    return evals[keep].sqrt()[:, None] * evecs[:, keep].T
+
+
+def average_gradient(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    metric: MetricFn = completion_metric,
+) -> tuple[float, Grads]:
+    """Mean over batches of ``metric`` and of its gradient (dropout off, ``p.grad`` untouched)."""
+    if not batches:
+        raise ValueError("average_gradient: no batch given")
+    total: Grads | None = None
+    values = []
+    for batch in batches:
+        value, grads = capability_gradients(model, params, batch, metric=metric)
+        values.append(float(value))
+        if total is None:
+            total = [g.detach().clone() for g in grads]
+        else:
+            for acc, g in zip(total, grads, strict=True):
+                acc.add_(g)
+    assert total is not None
+    for acc in total:
+        acc.div_(len(batches))
+    return sum(values) / len(values), total
+
+
+def capability_directions(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    sampler: CapabilitySampler,
+    batches: int = 4,
+    progress: bool = False,
+) -> dict[str, Grads]:
+    """c_i = mean over ``batches`` sampler batches of ∇f_i (f_i: mean completion log-likelihood)."""
+    device = params[0].device
+    out: dict[str, Grads] = {}
+    for task in tqdm(sampler.tasks, desc="capability directions", disable=not progress):
+        n = min(batches, max(1, len(sampler.rows[task]) // sampler.task_batch_size(task)))
+        _, out[task] = average_gradient(
+            model, params, [sampler.next_batch(task, device=device) for _ in range(n)]
+        )
+    return out
+
+
+def task_geometry(gram: torch.Tensor, tasks: Sequence[str], budget: float = 1.0) -> dict[str, Any]:
+    """Per-task τ_i, angle, regime and tax-free safety from the Gram matrix of [v, c_1, …, c_m].
+
+    τ_i = cos²(v, c_i) (eq. 6), the principal angle α_i = arccos √τ_i between span(v) and
+    span(c_i) (Björck–Golub), the §9.3 regime, and B√(1 − τ_i) (Cor 4.4, eq. 5). ``cos`` keeps
+    the sign: cos < 0 means the safety step lowers f_i to first order. The joint τ of v
+    against all of C (eq. 2, non-additive, Remark 4.6) comes with its B√(1 − τ).
+    A zero capability gradient gets NaN entries and regime ``"undefined"``.
+    """
+    if gram.shape[0] != len(tasks) + 1:
+        raise ValueError(f"gram has {gram.shape[0]} rows for 1 + {len(tasks)} directions")
+    if float(gram[0, 0]) <= 0:
+        raise ValueError("the safety direction is zero: the preference objective has no gradient here")
+    X = gram_coordinates(unit_gram(gram))
+    v = X[:, 0]
+    rows = []
+    for i, task in enumerate(tasks, start=1):
+        c = X[:, i]
+        if float(gram[i, i]) <= 0:
+            rows.append(_undefined_row(task))
+            continue
+        tau = float(geometry.task_tax_rates(v, c[:, None])[0])
+        angle = float(geometry.principal_angles(v[:, None], c[:, None])[0])
+        rows.append(
+            {
+                "task": task,
+                "tau": tau,
+                "cos": float(gram[0, i]) / math.sqrt(float(gram[0, 0]) * float(gram[i, i])),
+                "angle_deg": math.degrees(angle),
+                "regime": geometry.regime(tau),
+                "free_safety": geometry.free_safety(tau, budget),
+            }
+        )
+    nonzero = [i for i in range(1, len(tasks) + 1) if float(gram[i, i]) > 0]
+    joint = geometry.tax_rate(v, X[:, nonzero]) if nonzero else math.nan
+    return {
+        "budget": budget,
+        "tasks": rows,
+        "joint_tau": joint,
+        "joint_free_safety": geometry.free_safety(joint, budget) if nonzero else math.nan,
+        "sum_of_task_taus": float(sum(r["tau"] for r in rows if not math.isnan(r["tau"]))),
+    }
+
+
+def _undefined_row(task: str) -> dict[str, Any]:
+    return dict(task=task, tau=math.nan, cos=math.nan, angle_deg=math.nan, regime="undefined", free_safety=math.nan)
+
+
+def undefined_geometry(tasks: Sequence[str], budget: float = 1.0) -> dict[str, Any]:
+    """:func:`task_geometry`'s shape with NaN everywhere: no safety direction could be measured."""
+    return {
+        "budget": budget,
+        "tasks": [_undefined_row(t) for t in tasks],
+        "joint_tau": math.nan,
+        "joint_free_safety": math.nan,
+        "sum_of_task_taus": math.nan,
+    }
+
+
+def data_fingerprints(sampler: CapabilitySampler) -> dict[str, str]:
+    """{task: sha256 of its tokenised rows (input ids and labels, in order)}: what directions or
+    measurements were computed from. A resume compares it, not only the task names."""
+    out: dict[str, str] = {}
+    for task, rows in sampler.rows.items():
+        digest = hashlib.sha256()
+        for row in rows:
+            for key in ("input_ids", "labels"):
+                digest.update(key.encode())
+                digest.update(",".join(map(str, row.get(key, []))).encode())
+            digest.update(b";")
+        out[task] = digest.hexdigest()
+    return out
+
+
+def check_fingerprints(where: str, saved: Mapping[str, str] | None, sampler: CapabilitySampler | None) -> None:
+    """Raise naming the task when ``sampler``'s data differs from the ``saved`` fingerprints."""
+    if not saved or sampler is None:
+        return
+    for task, digest in data_fingerprints(sampler).items():
+        if task in saved and saved[task] != digest:
+            raise ValueError(
+                f"{where}: capability task {task!r} has different data than the run that saved the checkpoint "
+                "(the fingerprint of its tokenised rows differs); resume with the same data for "
+                f"{task!r}, the same tokenizer and the same capability_max_length."
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -219,7 +409,16 @@ class DegradationCallback(TrainerCallback):
         metrics: ``{name: fn(model, tokenizer) -> float | {key: float}}`` user metrics whose
             change is logged at every evaluation (e.g. the lab's exact-match accuracy).
         eval_steps: evaluate every this many optimizer steps (and always at the end).
-        safety_batches: training batches averaged into the safety direction.
+        safety_batches: training batches averaged into the safety direction (``"loss"``), or
+            optimizer steps whose raw updates are summed into it (``"updates"``).
+        safety_direction: where v comes from. ``"loss"``: −∇ of the trainer's ``compute_loss``
+            on seeded training batches at θ_0 (static preference data; geometry at step 0).
+            ``"updates"``: the sum of the optimizer's raw updates u = θ_new − θ_old over the first
+            ``safety_batches`` steps (a trainer wearing ``FrontierMixin`` hands over u before its
+            projection; on any other trainer it is θ_t − θ_0); works for every trainer, GRPO and
+            other online ones included; the geometry is logged at that step. A callable
+            ``fn(model, params) -> tensors`` gives v at θ_0 directly. ``"auto"``: ``"loss"`` for a
+            ``trl.DPOTrainer``, ``"updates"`` otherwise.
         capability_batches: batches averaged into each capability direction.
         batch_size: rows per capability/eval batch.
         max_length: capability/eval rows longer than this many tokens are dropped.
@@ -245,6 +444,7 @@ class DegradationCallback(TrainerCallback):
         max_eval_rows: int | None = 256,
         seed: int = 0,
         budget: float = 1.0,
+        safety_direction: SafetyDirection = "auto",
     ) -> None:
         if not capability_datasets:
             raise ValueError(
@@ -268,6 +468,12 @@ class DegradationCallback(TrainerCallback):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DegradationCallback: {name} must be an integer >= 1, got {value!r}")
+        if not callable(safety_direction) and safety_direction not in SAFETY_MODES:
+            raise ValueError(
+                f"DegradationCallback: safety_direction must be one of {SAFETY_MODES} or a callable "
+                f"fn(model, params) -> tensors, got {safety_direction!r}"
+            )
+        self.safety_direction = safety_direction
         self.metrics = dict(metrics or {})
         self.eval_steps = eval_steps
         self.safety_batches = safety_batches
@@ -296,9 +502,21 @@ class DegradationCallback(TrainerCallback):
         self._f0: dict[str, float] = {}
         self._last_step: int | None = None
         self._active = False
+        self._restored = False
+        #: "loss", "updates" or "callable": resolved from ``safety_direction`` at attach.
+        self.safety_mode: str | None = None
+        #: While the "updates" safety direction is being summed: start step, the capability
+        #: directions and eval gradients at θ_0, and (without a FrontierMixin) the summed Δθ.
+        self._pending: dict[str, Any] | None = None
+        self._raw_from_trainer = False
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def active(self) -> bool:
+        """Whether the callback is measuring (between train begin and end)."""
+        return self._active
 
     @property
     def measures_observed(self) -> bool:
@@ -310,6 +528,7 @@ class DegradationCallback(TrainerCallback):
         and register as its callback (replacing any other :class:`DegradationCallback`)."""
         self.trainer = trainer
         self.tokenizer = trainer.processing_class
+        self.safety_mode = self._resolve_safety_mode(trainer)
         self.direction_sampler = build_capability_sampler(
             self.capability_sources, self.tokenizer, self.max_length, self.batch_size, self.seed
         )
@@ -329,6 +548,23 @@ class DegradationCallback(TrainerCallback):
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
+
+    def _resolve_safety_mode(self, trainer: Any) -> str:
+        if callable(self.safety_direction):
+            return "callable"
+        mode = self.safety_direction
+        online = hasattr(trainer, "reward_funcs")  # GRPO/RLOO: training inputs are rollouts
+        if mode == "auto":
+            from trl import DPOTrainer
+
+            mode = "loss" if isinstance(trainer, DPOTrainer) else "updates"
+        if mode == "loss" and (online or getattr(trainer, "train_dataset", None) is None):
+            raise ValueError(
+                f"DegradationCallback(safety_direction='loss') needs a static training dataset to evaluate "
+                f"{type(trainer).__name__}.compute_loss on, and this trainer's inputs are generated during "
+                "training. Use safety_direction='updates' (the optimizer's own raw updates) or a callable."
+            )
+        return mode
 
     def _model(self) -> nn.Module:
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -361,7 +597,9 @@ class DegradationCallback(TrainerCallback):
             gen = torch.Generator().manual_seed(self.seed)
             dataset = Subset(dataset, torch.randperm(len(dataset), generator=gen)[:n].tolist())
         loader = DataLoader(dataset, batch_size=bs, collate_fn=t.data_collator, shuffle=False)
-        saved_metrics = {k: list(v) for k, v in t._metrics["train"].items()}
+        store = getattr(t, "_metrics", None)  # TRL trainers' metric buffer: left as it was
+        store = store.get("train") if isinstance(store, dict) else None
+        saved_metrics = {k: list(v) for k, v in store.items()} if store is not None else None
         saved_tokens = getattr(t, "_total_train_tokens", None)
         total: list[torch.Tensor] | None = None
         count = 0
@@ -379,8 +617,9 @@ class DegradationCallback(TrainerCallback):
                 total = grads if total is None else [a.add_(g) for a, g in zip(total, grads, strict=True)]
                 count += 1
         finally:
-            t._metrics["train"].clear()
-            t._metrics["train"].update(saved_metrics)
+            if store is not None and saved_metrics is not None:
+                store.clear()
+                store.update(saved_metrics)
             if saved_tokens is not None:
                 t._total_train_tokens = saved_tokens
         if total is None:
@@ -425,54 +664,124 @@ class DegradationCallback(TrainerCallback):
                 "Use DegradationCallback(...).attach(trainer); degradation tracking is off for this run."
             )
             return
+        if self._restored:
+            self._active = True
+            logger.info("degradation tracking: resumed at step %d from the checkpoint's state.", state.global_step)
+            return
         if state.global_step > 0:
             logger.warning(
-                "degradation tracking: resuming at step %d; predictions and observations are measured from "
-                "the resumed parameters, not from the pre-alignment model.",
+                "degradation tracking: resuming at step %d without the tracker's saved state; predictions and "
+                "observations are measured from the resumed parameters, not from the pre-alignment model.",
                 state.global_step,
             )
         model = self._model()
         self._params = [p for p in model.parameters() if p.requires_grad]
         with self._quiet(model):
-            v = self._safety_direction(model)
+            v = None
+            if self.safety_mode == "loss":
+                v = self._safety_direction(model)
+            elif self.safety_mode == "callable":
+                v = self._callable_direction(model)
             assert self.direction_sampler is not None
             caps = capability_directions(model, self._params, self.direction_sampler, self.capability_batches)
-            G = gram_matrix([v, *(caps[t] for t in self.tasks)])
-            del caps
-            self.geometry = task_geometry(G, self.tasks, self.budget)
             evals = self._eval_gradients(model)
-            v_norm = math.sqrt(float(G[0, 0]))
             for task, (value, grads) in evals.items():
-                self.predicted_rate[task] = float(list_dot(grads, v)) / v_norm if v_norm > 0 else math.nan
                 self.predicted[task] = 0.0
                 self._grads[task] = grads
                 if value is not None:
                     self._f0[task] = value
                     self.observed[task] = 0.0
-            del v
+            if v is not None:
+                self._set_geometry(v, caps, self._grads)
+                del v
+            else:
+                self._pending = {"start": state.global_step, "caps": caps, "grads0": dict(self._grads), "acc": None}
+                start = getattr(self.trainer, "start_raw_update_sum", None)
+                self._raw_from_trainer = bool(start()) if callable(start) else False
+            del caps
             self.user_initial = self._user_metrics(model) if self.metrics else {}
         self.user_change = dict.fromkeys(self.user_initial, 0.0)
         self._snapshot = [p.detach().clone() for p in self._params]
         self._last_step = state.global_step
         self._active = True
-        record = {"train/global_step": state.global_step}
+        record: dict[str, Any] = {"train/global_step": state.global_step}
+        if self.geometry is not None:
+            record.update(self._geometry_record())
+        record.update(self._record(state.global_step))
+        self._emit(args, state, record)
+        self._log_geometry(state)
+
+    def _callable_direction(self, model: nn.Module) -> list[torch.Tensor]:
+        assert callable(self.safety_direction)
+        v = list(self.safety_direction(model, self._params))
+        if len(v) != len(self._params) or any(
+            t.shape != p.shape for t, p in zip(v, self._params, strict=True)
+        ):
+            raise ValueError(
+                "degradation tracking: safety_direction(model, params) must return one tensor per trainable "
+                f"parameter, shaped like it ({len(self._params)} parameters), got {len(v)} tensors"
+            )
+        return [t.detach().to(device=p.device, dtype=p.dtype) for t, p in zip(v, self._params, strict=True)]
+
+    def _set_geometry(
+        self, v: Sequence[torch.Tensor], caps: Mapping[str, Grads], grads0: Mapping[str, Grads]
+    ) -> None:
+        """τ_i, angles, regimes from the Gram matrix of [v, c_1, …]; first-order rates ⟨∇f_i, v̂⟩."""
+        G = gram_matrix([v, *(caps[t] for t in self.tasks)])
+        v_norm = math.sqrt(max(float(G[0, 0]), 0.0))
+        if not v_norm > 0:
+            logger.warning("degradation tracking: the safety direction is zero (no update?); τ_i are undefined.")
+            self.geometry = undefined_geometry(self.tasks, self.budget)
+            self.predicted_rate = dict.fromkeys(grads0, math.nan)
+            return
+        self.geometry = task_geometry(G, self.tasks, self.budget)
+        for task, grads in grads0.items():
+            self.predicted_rate[task] = float(list_dot(grads, v)) / v_norm
+
+    def _geometry_record(self) -> dict[str, Any]:
+        assert self.geometry is not None
+        record: dict[str, Any] = {}
         for row in self.geometry["tasks"]:
             task = row["task"]
             record[f"degradation/tau/{task}"] = row["tau"]
             record[f"degradation/angle/{task}"] = row["angle_deg"]
             record[f"degradation/predicted_rate/{task}"] = -self.predicted_rate[task]
         record["degradation/joint_tau"] = self.geometry["joint_tau"]
-        record.update(self._record(state.global_step))
+        return record
+
+    def _finish_pending(self, args: Any, state: Any) -> None:
+        """The "updates" safety direction is complete: v = Σ raw u; log the geometry now."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        v = self.trainer.pop_raw_update_sum(self._params) if self._raw_from_trainer else None
+        if v is None:
+            with torch.no_grad():
+                v = [p.detach() - s for p, s in zip(self._params, self._snapshot, strict=True)]
+                if pending["acc"] is not None:
+                    v = [a + d for a, d in zip(pending["acc"], v, strict=True)]
+        self._set_geometry(v, pending["caps"], pending["grads0"])
+        del v, pending
+        record = {"train/global_step": state.global_step, **self._geometry_record()}
         self._emit(args, state, record)
         self._log_geometry(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        pending = self._pending
+        if self._active and pending is not None and state.global_step - pending["start"] >= self.safety_batches:
+            self._finish_pending(args, state)
         if self._active and state.global_step % self.eval_steps == 0 and state.global_step != self._last_step:
             self._emit(args, state, self._measure(state.global_step, final=False))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self._active:
             return
+        if self._pending is not None:
+            if state.global_step > self._pending["start"]:
+                self._finish_pending(args, state)
+            else:
+                self._pending = None
+                self.geometry = undefined_geometry(self.tasks, self.budget)
+                self.predicted_rate = dict.fromkeys(self.tasks, math.nan)
         if state.global_step != self._last_step:
             self._emit(args, state, self._measure(state.global_step, final=True))
         self._active = False
@@ -491,6 +800,9 @@ class DegradationCallback(TrainerCallback):
             delta = [p.detach() - s for p, s in zip(self._params, self._snapshot, strict=True)]
             for task, grads in self._grads.items():
                 self.predicted[task] += float(list_dot(grads, delta))
+            if self._pending is not None and not self._raw_from_trainer and not final:
+                acc = self._pending["acc"]
+                self._pending["acc"] = delta if acc is None else [a.add_(d) for a, d in zip(acc, delta, strict=True)]
         del delta
         with self._quiet(model):
             if final:
@@ -571,6 +883,100 @@ class DegradationCallback(TrainerCallback):
             "user_initial": self.user_initial,
             "user_change": self.user_change,
         }
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue the same measurement: the telescoped
+        predictions, observations, θ snapshot and gradients, sampler positions, the pending
+        "updates" safety direction, and fingerprints of the data (tensors on the CPU)."""
+
+        def cpu(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.detach().cpu() for t in tensors]
+
+        pending = None
+        if self._pending is not None:
+            pending = {
+                "start": self._pending["start"],
+                "caps": {t: cpu(g) for t, g in self._pending["caps"].items()},
+                "grads0": {t: cpu(g) for t, g in self._pending["grads0"].items()},
+                "acc": None if self._pending["acc"] is None else cpu(self._pending["acc"]),
+            }
+        return {
+            "tasks": list(self.tasks),
+            "safety_mode": self.safety_mode,
+            "raw_from_trainer": self._raw_from_trainer,
+            "geometry": self.geometry,
+            "predicted_rate": dict(self.predicted_rate),
+            "predicted": dict(self.predicted),
+            "observed": dict(self.observed),
+            "f0": dict(self._f0),
+            "user_initial": dict(self.user_initial),
+            "user_change": dict(self.user_change),
+            "history": [dict(r) for r in self.history],
+            "last_step": self._last_step,
+            "snapshot": cpu(self._snapshot),
+            "grads": {t: cpu(g) for t, g in self._grads.items()},
+            "pending": pending,
+            "direction_sampler": self.direction_sampler.state_dict() if self.direction_sampler else None,
+            "eval_sampler": self.eval_sampler.state_dict() if self.eval_sampler else None,
+            "fingerprints": {
+                "direction": data_fingerprints(self.direction_sampler) if self.direction_sampler else None,
+                "eval": data_fingerprints(self.eval_sampler) if self.eval_sampler else None,
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], checkpoint: str = "checkpoint") -> None:
+        """Restore :meth:`state_dict` (after :meth:`attach`); ``on_train_begin`` then continues
+        instead of re-measuring at the resumed parameters.
+
+        Raises:
+            ValueError: other tasks, or a task whose data fingerprint differs (named).
+        """
+        if list(state["tasks"]) != self.tasks:
+            raise ValueError(
+                f"{checkpoint}: the degradation tracker measured tasks {state['tasks']}, this run has {self.tasks}"
+            )
+        where = f"{checkpoint} (degradation tracker)"
+        check_fingerprints(where, state["fingerprints"]["direction"], self.direction_sampler)
+        check_fingerprints(where, state["fingerprints"]["eval"], self.eval_sampler)
+        params = [p for p in self._model().parameters() if p.requires_grad]
+        if len(params) != len(state["snapshot"]):
+            raise ValueError(
+                f"{where}: saved {len(state['snapshot'])} trainable parameters, this model has {len(params)}"
+            )
+
+        def on(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, params, strict=True)]
+
+        self._params = params
+        self.safety_mode = state["safety_mode"]
+        self._raw_from_trainer = bool(state["raw_from_trainer"])
+        self.geometry = state["geometry"]
+        self.predicted_rate = dict(state["predicted_rate"])
+        self.predicted = dict(state["predicted"])
+        self.observed = dict(state["observed"])
+        self._f0 = dict(state["f0"])
+        self.user_initial = dict(state["user_initial"])
+        self.user_change = dict(state["user_change"])
+        self.history = [dict(r) for r in state["history"]]
+        self._last_step = state["last_step"]
+        self._snapshot = on(state["snapshot"])
+        self._grads = {t: on(g) for t, g in state["grads"].items()}
+        pending = state["pending"]
+        self._pending = None
+        if pending is not None:
+            self._pending = {
+                "start": pending["start"],
+                "caps": {t: on(g) for t, g in pending["caps"].items()},
+                "grads0": {t: on(g) for t, g in pending["grads0"].items()},
+                "acc": None if pending["acc"] is None else on(pending["acc"]),
+            }
+        if state["direction_sampler"] is not None and self.direction_sampler is not None:
+            self.direction_sampler.load_state_dict(state["direction_sampler"])
+        if state["eval_sampler"] is not None and self.eval_sampler is not None:
+            self.eval_sampler.load_state_dict(state["eval_sampler"])
+        self._restored = True
 
     # ------------------------------------------------------------------ outputs
 
@@ -712,9 +1118,18 @@ def plot_degradation(rows: Sequence[Mapping[str, Any]], ranks: Mapping[str, floa
 __all__ = [
     "TABLE_COLUMNS",
     "DegradationCallback",
+    "average_gradient",
+    "capability_directions",
+    "check_fingerprints",
+    "data_fingerprints",
     "dataset_metric",
+    "gram_coordinates",
+    "gram_matrix",
     "kendall",
     "plot_degradation",
     "rankdata",
     "spearman",
+    "task_geometry",
+    "undefined_geometry",
+    "unit_gram",
 ]

@@ -1,0 +1,686 @@
+"""FrontierMixin: the exact projection of every optimizer step, for any ``transformers.Trainer``.
+
+The projection is an optimizer-seam feature, not a DPO one. Put the mixin first in the bases of
+any trainer class (cooperative MRO; every override calls ``super()``)::
+
+    class FrontierSFTTrainer(FrontierMixin, SFTTrainer):
+        frontier_config_class = FrontierSFTConfig
+
+Data flows one way:
+
+    capability datasets --(directions.build_capability_sampler)--> batches
+        --(directions.capability_gradients, every ``capability_refresh_steps``)--> directions c_i
+        --(projection.UpdateProjector around each real optimizer step)--> θ_old + δ
+        --> diagnostics in the mixin's own metric buffer, averaged and merged into ``log()``.
+
+The seam is the raw torch optimizer (field notes §3): ``create_optimizer`` registers a step
+pre-hook and post-hook on it. The pre-hook fires once per real optimizer step — after gradient
+accumulation, DDP all-reduce, unscaling and clipping, never per micro-batch, and not at all
+when the AMP scaler skips a step — so the projection acts on the displacement the optimizer
+really applies, AdamW moments and weight decay included (field notes §2). Nothing here reads
+TRL internals: a plain ``transformers.Trainer`` wearing the mixin is projected the same way.
+
+Coverage: the projection acts on exactly the parameters the optimizer updates — those in its
+param groups with ``requires_grad`` and a base learning rate (``initial_lr``) above 0. Groups
+with lr 0 are excluded (they do not move at all; before, the correction moved them). When the
+set changes between steps (a parameter frozen or unfrozen, a group's base lr set to 0),
+``capability_param_change`` decides: ``"retrack"`` projects over the new set and re-estimates
+the directions at once; ``"error"`` raises naming the parameters.
+
+Diagnostics per logging window: ``frontier/leak/<task>`` (the realised |cos(c_i, δ)|),
+``frontier/tau/<task>``, ``frontier/raw_tax_rate``, ``frontier/fraction_removed``,
+``frontier/safety_retained``, timings, and at every refresh ``frontier/generalisation_leak/<task>``:
+max |cos| between the last applied update and the *fresh* directions, estimated from rows that
+were not used to project it (issue 15 §1: what the guarantee covers beyond the rows it held).
+
+``projection="none"`` registers nothing and computes nothing during training: the trainer is
+bitwise the base class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from frontier_trainer.arguments import FrontierArguments
+from frontier_trainer.directions import (
+    CapabilitySampler,
+    MetricFn,
+    build_capability_sampler,
+    capability_gradients,
+    completion_metric,
+)
+from frontier_trainer.projection import StepReport, UpdateProjector
+from frontier_trainer.tracking import (
+    DegradationCallback,
+    SafetyDirection,
+    check_fingerprints,
+    data_fingerprints,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "frontier_state.pt"
+
+#: Optimizers that update parameters inside ``backward`` (LOMO/AdaLomo, layer-wise GaLore/APOLLO)
+#: or swap parameter values around evaluation (schedule-free): no optimizer step hook sees their
+#: real update, so the projection cannot be exact.
+_UNSUPPORTED_OPTIM_MARKERS = ("lomo", "layerwise", "schedule_free")
+
+
+# --------------------------------------------------------------------------------------
+# construction checks (one function: a planning layer can call it before building a trainer)
+# --------------------------------------------------------------------------------------
+
+
+def check_frontier_setup(
+    args: FrontierArguments, sources: Mapping[str, Any], metrics: Mapping[str, MetricFn] | None
+) -> None:
+    """Refuse, before any model is built, a setup the projection cannot make exact.
+
+    Checks the capability tasks against the tolerances and metrics, then (unless
+    ``projection="none"``) DeepSpeed, FSDP, optimizers that step inside backward, reentrant
+    checkpointing and fp16 without CUDA. Every message names the field and the fix.
+    """
+    if args.projection != "none" and not sources:
+        raise ValueError(
+            f"projection={args.projection!r} needs capability data: pass capability_datasets={{task: dataset}} "
+            "to the trainer or set the config's capability_datasets (or use projection='none')."
+        )
+    for task in sources:
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"capability_datasets: task names must be non-empty strings, got {task!r}")
+    if isinstance(args.capability_tolerance, dict):
+        unknown = sorted(set(args.capability_tolerance) - set(sources))
+        if unknown:
+            raise ValueError(
+                f"capability_tolerance names unknown task(s) {unknown}; the capability tasks are {sorted(sources)}."
+            )
+    unknown_metrics = sorted(set(metrics or {}) - set(sources))
+    if unknown_metrics:
+        raise ValueError(
+            f"capability_metrics names unknown task(s) {unknown_metrics}; tasks are {sorted(sources)}."
+        )
+    if args.projection == "none":
+        return
+    fix = "Run without it, or set projection='none' for the plain trainer."
+    if getattr(args, "deepspeed", None):
+        raise ValueError(
+            "the frontier projection does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer "
+            f"inside accelerator.backward, where no optimizer hook sees the update, so it could not be exact. {fix}"
+        )
+    if getattr(args, "fsdp", None):
+        raise ValueError(
+            "the frontier projection does not support FSDP yet: parameters are sharded and no sharded projection "
+            f"path is implemented and tested. Use DDP (torchrun / accelerate launch --multi_gpu). {fix}"
+        )
+    optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", "")))
+    if any(marker in optim for marker in _UNSUPPORTED_OPTIM_MARKERS):
+        raise ValueError(
+            f"optim={optim!r} updates parameters inside backward (or swaps them around evaluation), so the "
+            "realised update is invisible to the projection. Use a step-based optimizer such as adamw_torch."
+        )
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; read both
+    ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    ckpt_kwargs = (
+        getattr(args, "activation_checkpointing_kwargs", None)
+        or getattr(args, "gradient_checkpointing_kwargs", None)
+        or {}
+    )
+    if ckpt_on and ckpt_kwargs.get("use_reentrant", False):
+        raise ValueError(
+            "gradient_checkpointing_kwargs={'use_reentrant': True} breaks torch.autograd.grad, which the "
+            "capability directions need. Use {'use_reentrant': False} (the transformers default)."
+        )
+    if getattr(args, "fp16", False) and (getattr(args, "use_cpu", False) or not torch.cuda.is_available()):
+        raise ValueError(
+            "fp16=True with the frontier projection needs CUDA: fp16 autocast with loss scaling is only "
+            "supported (and tested) on a GPU. On the CPU use bf16=True (autocast over fp32 weights) or "
+            "fp16=False."
+        )
+
+
+@torch.no_grad()
+def update_leak(
+    params: Sequence[torch.Tensor],
+    before: Sequence[torch.Tensor],
+    directions: Sequence[Sequence[torch.Tensor]],
+) -> list[float]:
+    """|cos(d, c_j)| for d = params − before and each direction c_j, with float64 sums.
+
+    The fallback of ``UpdateProjector.update_leak`` for the generalisation leak; every product
+    is accumulated in float64 so that a small cosine is not lost to rounding.
+    """
+    d2 = 0.0
+    dots = [0.0] * len(directions)
+    c2 = [0.0] * len(directions)
+    for k, (p, b) in enumerate(zip(params, before, strict=True)):
+        d = p.detach().double() - b.detach().double()
+        d2 += float((d * d).sum())
+        for j, direction in enumerate(directions):
+            c = direction[k].detach().to(device=d.device, dtype=torch.float64)
+            dots[j] += float((d * c).sum())
+            c2[j] += float((c * c).sum())
+    return [abs(x) / math.sqrt(d2 * n2) if d2 > 0 and n2 > 0 else 0.0 for x, n2 in zip(dots, c2, strict=True)]
+
+
+def _tensor_bytes(groups: list[list[torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for group in groups for t in group)
+
+
+def as_frontier_args(args: Any, model: Any, config_class: type | None) -> FrontierArguments:
+    """Accept a config carrying :class:`FrontierArguments`, a plain config of ``config_class``'s base
+    (upgraded with default frontier fields, its own values kept), or None (defaults).
+
+    Raises:
+        TypeError: a config that cannot be upgraded, with the fix.
+    """
+    if isinstance(args, FrontierArguments):
+        return args
+    if config_class is None:
+        from frontier_trainer.config import FrontierTrainingArguments
+
+        config_class = FrontierTrainingArguments
+    if args is None:
+        name = (
+            model
+            if isinstance(model, str)
+            else getattr(getattr(model, "config", None), "_name_or_path", "model")
+        )
+        suffix = config_class.__name__.removesuffix("Config").removesuffix("Arguments")
+        return config_class(output_dir=f"{str(name).split('/')[-1] or 'model'}-{suffix}")
+    if isinstance(args, config_class.__mro__[1:]) and dataclasses.is_dataclass(args):
+        own = {f.name for f in dataclasses.fields(config_class)}
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        if set(values) <= own:
+            return config_class(**values)
+    raise TypeError(
+        f"args must carry the frontier fields: a {config_class.__name__} (or a plain "
+        f"{next(c.__name__ for c in config_class.__mro__[1:] if c is not FrontierArguments)}), got "
+        f"{type(args).__name__}. For another config class define "
+        f"`@dataclass class MyConfig(FrontierArguments, {type(args).__name__})`."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the mixin
+# --------------------------------------------------------------------------------------
+
+
+class FrontierMixin:
+    """Projects every optimizer step of the trainer it is mixed into (first in the bases).
+
+    Constructor: the base trainer's, plus the keywords below (``args`` may be positional; it is
+    found by the base constructor's signature and upgraded to :attr:`frontier_config_class`).
+
+    Args:
+        capability_datasets: ``{task: Dataset or source}``; overrides ``args.capability_datasets``.
+            Rows are ``prompt``/``completion`` (the prompt's tokens are masked) or ``text``.
+        capability_metrics: optional ``{task: metric(model, batch) -> scalar}``, a differentiable
+            metric to use instead of the default mean completion log-likelihood for that task.
+        capability_eval_datasets: held-out ``{task: Dataset or source}`` for the degradation
+            tracker's observed change; overrides ``args.capability_eval_datasets``.
+        degradation_metrics: ``{name: fn(model, tokenizer) -> float}`` user metrics whose change the
+            degradation tracker logs (e.g. the lab's exact-match accuracy).
+        safety_direction: the tracker's safety direction: ``"loss"``, ``"updates"``, ``"auto"``
+            or a callable ``fn(model, params) -> list[Tensor]``; overrides ``args.safety_direction``.
+    """
+
+    #: The config class a plain config (or None) is upgraded to; None: FrontierTrainingArguments.
+    frontier_config_class: ClassVar[type | None] = None
+
+    def __init__(
+        self,
+        *args: Any,
+        capability_datasets: Mapping[str, Any] | None = None,
+        capability_metrics: Mapping[str, MetricFn] | None = None,
+        capability_eval_datasets: Mapping[str, Any] | None = None,
+        degradation_metrics: Mapping[str, Any] | None = None,
+        safety_direction: SafetyDirection | None = None,
+        **kwargs: Any,
+    ) -> None:
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        config = as_frontier_args(
+            bound.arguments.get("args"), bound.arguments.get("model"), self.frontier_config_class
+        )
+        bound.arguments["args"] = config
+        sources = (
+            dict(capability_datasets)
+            if capability_datasets is not None
+            else dict(config.capability_datasets or {})
+        )
+        self.capability_tasks: list[str] = list(sources)
+        check_frontier_setup(config, sources, capability_metrics)
+        # state the hooks read, set before the base constructor in case it calls an override
+        self.projector: UpdateProjector | None = None
+        self.capability_sampler: CapabilitySampler | None = None
+        self.capability_metrics: dict[str, MetricFn] = dict(capability_metrics or {})
+        self.degradation_callback: DegradationCallback | None = None
+        self._frontier_metrics: defaultdict[str, list[float]] = defaultdict(list)
+        self._hooked_optimizer: torch.optim.Optimizer | None = None
+        self._hook_handles: list[Any] = []
+        self._last_report: StepReport | None = None
+        self._directions_step: int | None = None
+        self._projection_seconds = 0.0
+        self._tracked_names: list[str] | None = None
+        self._force_refresh = False
+        self._has_applied_update = False
+        self._raw_update_sum: dict[int, torch.Tensor] | None = None
+        #: Largest number of bytes held at once by the projection state (snapshot and directions,
+        #: including fresh directions during a refresh), counted from the tensors themselves.
+        self.peak_state_bytes = 0
+        super().__init__(*bound.args, **bound.kwargs)
+
+        args = self.args
+        if sources:
+            # Load, validate and tokenise now: every bad-input error comes before training.
+            self.capability_sampler = build_capability_sampler(
+                sources,
+                self.processing_class,
+                max_length=args.capability_max_length,
+                batch_size=args.capability_batch_size,
+                seed=args.seed,
+            )
+        if args.degradation_tracking and sources:
+            evals = (
+                capability_eval_datasets
+                if capability_eval_datasets is not None
+                else args.capability_eval_datasets
+            )
+            self.degradation_callback = DegradationCallback(
+                sources,
+                eval_datasets=evals,
+                metrics=degradation_metrics,
+                eval_steps=args.degradation_eval_steps,
+                safety_batches=args.safety_direction_batches,
+                batch_size=args.capability_batch_size,
+                max_length=args.capability_max_length,
+                seed=args.seed,
+                safety_direction=safety_direction if safety_direction is not None else args.safety_direction,
+            ).attach(self)
+        elif args.degradation_tracking:
+            logger.info("degradation tracking is off: no capability_datasets to measure τ_i against.")
+        if args.projection != "none":
+            self._check_setup_after_init()
+            named = [(n, p) for n, p in self._unwrapped_model().named_parameters() if p.requires_grad]
+            self.projector = self._new_projector([p for _, p in named])
+
+    # ------------------------------------------------------------------ construction
+
+    def _new_projector(self, params: list[torch.nn.Parameter]) -> UpdateProjector:
+        args = self.args
+        tolerances = None
+        if args.projection == "frontier":
+            tolerances = [args.tolerance_for(t) for t in self.capability_tasks for _ in range(args.capability_rank)]
+        try:
+            return UpdateProjector(params, mode=args.projection, tolerances=tolerances)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}(projection={args.projection!r}): {err}") from None
+
+    def _check_setup_after_init(self) -> None:
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                f"{type(self).__name__}: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
+                "supports single-process and DDP training only. Use projection='none' or plain DDP."
+            )
+        low = sorted(
+            {
+                str(p.dtype)
+                for p in self._unwrapped_model().parameters()
+                if p.requires_grad and p.dtype not in (torch.float32, torch.float64)
+            }
+        )
+        if low:
+            raise ValueError(
+                f"trainable parameters are {low}: pure low-precision weights round θ_old + δ and break the "
+                "projection's exactness. Load the model with dtype=torch.float32 and train with bf16=True "
+                "(autocast over fp32 master weights)."
+            )
+
+    def _unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ metrics
+
+    def _record(self, name: str, value: float) -> None:
+        """Buffer a scalar; :meth:`log` averages the buffer per logging window."""
+        self._frontier_metrics[name].append(float(value))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Merge the buffered frontier scalars (mean per window) into training logs, then log."""
+        if self._frontier_metrics and not any(str(k).startswith("eval_") for k in logs):
+            for name, values in self._frontier_metrics.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+            self._frontier_metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ optimizer seam
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.projector is not None:
+            self._hook_optimizer(optimizer)
+        return optimizer
+
+    def _hook_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper is not a torch Optimizer
+        if raw is self._hooked_optimizer:
+            return  # create_optimizer runs on every train(): register once
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = [
+            raw.register_step_pre_hook(self._before_optimizer_step),
+            raw.register_step_post_hook(self._after_optimizer_step),
+        ]
+        self._hooked_optimizer = raw
+
+    def _updated_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) the optimizer updates: in a param group whose base lr (``initial_lr``,
+        else ``lr``) is above 0, with ``requires_grad``; in the model's parameter order."""
+        optimizer = self._hooked_optimizer
+        if optimizer is None:
+            return [(n, p) for n, p in self._unwrapped_model().named_parameters() if p.requires_grad]
+        stepped: set[int] = set()
+        for group in optimizer.param_groups:
+            if float(group.get("initial_lr", group.get("lr", 0.0))) > 0:
+                stepped.update(id(p) for p in group["params"])
+        return [
+            (n, p) for n, p in self._unwrapped_model().named_parameters() if p.requires_grad and id(p) in stepped
+        ]
+
+    def _sync_tracked_parameters(self) -> None:
+        """Make the projector cover exactly the parameters the optimizer updates now.
+
+        At the first step the set is fixed silently (lr-0 groups excluded, logged). A change at a
+        later step follows ``capability_param_change``: retrack (new projector over the new set,
+        directions re-estimated at this step) or raise naming the parameters.
+        """
+        assert self.projector is not None
+        named = self._updated_parameters()
+        names = [n for n, _ in named]
+        if names == self._tracked_names:
+            return
+        if not named:
+            raise ValueError(
+                "the optimizer updates no parameter (every param group has lr 0 or no parameter requires grad): "
+                "nothing to project. Give the trainable parameters a learning rate above 0."
+            )
+        current = {id(p) for p in self.projector.params}
+        same = len(named) == len(current) and all(id(p) in current for _, p in named)
+        if self._tracked_names is None:
+            if not same:
+                excluded = [
+                    n for n, p in self._unwrapped_model().named_parameters()
+                    if p.requires_grad and n not in set(names)
+                ]
+                logger.info(
+                    "frontier projection: %d trainable parameter(s) in param groups with lr 0 are not projected "
+                    "(the optimizer never moves them): %s",
+                    len(excluded),
+                    excluded[:8],
+                )
+        else:
+            before, now = set(self._tracked_names), set(names)
+            added, removed = sorted(now - before), sorted(before - now)
+            change = f"parameters now updated: {added[:8]}; no longer updated: {removed[:8]}"
+            if self.args.capability_param_change == "error":
+                raise ValueError(
+                    f"the set of parameters the optimizer updates changed at step {self.state.global_step} "
+                    f"({change}); the projection's directions cover the old set. Freeze/unfreeze before "
+                    "training, or set capability_param_change='retrack' to re-estimate the directions."
+                )
+            logger.warning(
+                "frontier projection: %s at step %d; re-estimating the capability directions now.",
+                change,
+                self.state.global_step,
+            )
+            self._force_refresh = True
+        if not same:
+            params = [p for _, p in named]
+            if self.projector.num_directions:
+                self._force_refresh = True
+            self.projector = self._new_projector(params)
+            self._has_applied_update = False  # the previous update lives on another parameter set
+            if self._raw_update_sum is not None:
+                logger.warning("degradation tracking: the parameter set changed while summing raw updates.")
+        self._tracked_names = names
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert self.projector is not None
+        self._sync_tracked_parameters()
+        step = self.state.global_step
+        refresh = self.args.capability_refresh_steps
+        refreshed = (
+            self._force_refresh
+            or self.projector.num_directions == 0
+            or (step % refresh == 0 and self._directions_step != step)
+        )
+        if refreshed:
+            self.refresh_directions()
+        start = time.perf_counter()
+        self.projector.before_step()
+        self._projection_seconds = time.perf_counter() - start
+        if refreshed:  # the held state (snapshot + directions) changes only when directions do
+            self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        assert self.projector is not None
+        start = time.perf_counter()
+        self._accumulate_raw_update()
+        report = self.projector.after_step()
+        if report is None:
+            return
+        self._has_applied_update = True
+        projection_seconds = self._projection_seconds + time.perf_counter() - start
+        # the realised leak costs one more pass over the parameters: measure it on logging steps,
+        # and time it apart so that projection_seconds is the projection's own cost
+        if (self.state.global_step + 1) % max(1, int(self.args.logging_steps or 1)) == 0:
+            start = time.perf_counter()
+            report.realised_leak = self.projector.measure_leak()
+            self._record("frontier/leak_seconds", time.perf_counter() - start)
+        self._last_report = report
+        self._record("frontier/projection_seconds", projection_seconds)
+        self._record("frontier/raw_tax_rate", report.raw_tax_rate)
+        self._record("frontier/fraction_removed", report.fraction_removed)
+        self._record("frontier/safety_retained", report.safety_retained)
+        rank = self.args.capability_rank
+        for i, task in enumerate(self.capability_tasks):
+            block = slice(i * rank, (i + 1) * rank)
+            self._record(f"frontier/tau/{task}", max(report.raw_task_tax_rates[block]))
+            if report.realised_leak is not None:
+                self._record(f"frontier/leak/{task}", max(report.realised_leak[block]))
+
+    # ------------------------------------------------------------------ raw updates (tracker)
+
+    def start_raw_update_sum(self) -> bool:
+        """Start summing the optimizer's raw updates u = θ_new − θ_old (before projection).
+
+        Returns False when there is no projector (then θ_t − θ_0 already is the raw sum)."""
+        if self.projector is None:
+            return False
+        self._raw_update_sum = {}
+        return True
+
+    def pop_raw_update_sum(self, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor] | None:
+        """Σ u over the steps since :meth:`start_raw_update_sum`, one tensor per ``params`` entry
+        (zeros for parameters the optimizer did not update); stops summing. None if not started."""
+        acc, self._raw_update_sum = self._raw_update_sum, None
+        if acc is None:
+            return None
+        return [acc[id(p)] if id(p) in acc else torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def _accumulate_raw_update(self) -> None:
+        if self._raw_update_sum is None or self.projector is None:
+            return
+        snapshot = getattr(self.projector, "_snapshot", None)
+        if snapshot is None or not self.projector.num_directions:
+            return
+        for p, s in zip(self.projector.params, snapshot, strict=True):
+            d = p.detach() - s
+            acc = self._raw_update_sum.get(id(p))
+            self._raw_update_sum[id(p)] = d if acc is None else acc.add_(d)
+
+    # ------------------------------------------------------------------ directions
+
+    def refresh_directions(self) -> None:
+        """Re-estimate every capability direction at the current parameters.
+
+        For each task, ``capability_rank`` batches are drawn from the seeded sampler (identical
+        on every rank, so DDP replicas stay byte-identical with no communication) and their
+        metric gradients become the task's directions, smoothed by ``capability_ema``. Before
+        they are installed, the generalisation leak of the last applied update against them is
+        logged (they come from rows that did not project it).
+        """
+        assert self.projector is not None and self.capability_sampler is not None
+        start = time.perf_counter()
+        model = self._unwrapped_model()
+        params = self.projector.params
+        ema = float(self.args.capability_ema)
+        old = self.projector.directions
+        if ema == 0:
+            # drop the previous directions before computing new ones: peak stays (k+1)x parameters
+            self.projector.clear_directions()
+            old = []
+        fresh: list[list[torch.Tensor]] = []
+        for t_index, task in enumerate(self.capability_tasks):
+            metric = self.capability_metrics.get(task, completion_metric)
+            values = []
+            for r in range(self.args.capability_rank):
+                batch = self.capability_sampler.next_batch(task)
+                with self.autocast_smart_context_manager():
+                    value, grads = capability_gradients(model, params, batch, metric=metric)
+                values.append(float(value))
+                j = t_index * self.args.capability_rank + r
+                if ema > 0 and len(old) > j:
+                    for prev, g in zip(old[j], grads, strict=True):
+                        prev.mul_(ema).add_(g.to(prev.dtype), alpha=1.0 - ema)
+                    fresh.append(old[j])
+                else:
+                    fresh.append(grads)
+                held = _tensor_bytes(fresh) + _tensor_bytes(old[len(fresh) :])
+                held += self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
+                self.peak_state_bytes = max(self.peak_state_bytes, held)
+            self._record(f"frontier/capability_loss/{task}", -sum(values) / len(values))
+        if self._has_applied_update:
+            self._log_generalisation_leak(fresh)
+        self._install_directions(fresh)
+        self._directions_step = self.state.global_step
+        self._force_refresh = False
+        self._record("frontier/refresh_seconds", time.perf_counter() - start)
+
+    def _install_directions(self, directions: list[list[torch.Tensor]]) -> None:
+        """``projector.set_directions`` with direction names (for its NaN errors) when supported."""
+        assert self.projector is not None
+        rank = self.args.capability_rank
+        names = [f"{task}[{r}]" for task in self.capability_tasks for r in range(rank)]
+        if "names" in inspect.signature(self.projector.set_directions).parameters:
+            self.projector.set_directions(directions, names=names)
+            return
+        for name, direction in zip(names, directions, strict=True):
+            if not all(bool(torch.isfinite(c).all()) for c in direction):
+                raise ValueError(
+                    f"capability direction {name} is not finite (NaN or inf): the gradient of task "
+                    f"{name.split('[')[0]!r}'s metric overflowed or its rows produce NaN. Check the task's data "
+                    "and metric, or lower the learning rate."
+                )
+        self.projector.set_directions(directions)
+
+    def _log_generalisation_leak(self, fresh: list[list[torch.Tensor]]) -> None:
+        """``frontier/generalisation_leak/<task>``: max |cos| of the last applied update against the
+        task's fresh directions (issue 15 §1), from the projector when it offers it."""
+        assert self.projector is not None
+        if hasattr(self.projector, "update_leak"):
+            leaks = list(self.projector.update_leak(fresh))
+        else:
+            snapshot = getattr(self.projector, "_snapshot", None)
+            if snapshot is None:
+                return
+            leaks = update_leak(self.projector.params, snapshot, fresh)
+        rank = self.args.capability_rank
+        for i, task in enumerate(self.capability_tasks):
+            self._record(f"frontier/generalisation_leak/{task}", max(leaks[i * rank : (i + 1) * rank]))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
+        tracker = self.degradation_callback
+        if self.projector is None and tracker is None:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        state: dict[str, Any] = {"tasks": self.capability_tasks}
+        if self.projector is not None:
+            state.update(
+                directions=self.projector.state_dict(),
+                directions_step=self._directions_step,
+                sampler=self.capability_sampler.state_dict() if self.capability_sampler else None,
+                fingerprints=data_fingerprints(self.capability_sampler) if self.capability_sampler else None,
+                tracked=self._tracked_names,
+                raw_update_sum=(
+                    None
+                    if self._raw_update_sum is None
+                    else [self._raw_update_sum[id(p)].cpu() for p in self.projector.params if id(p) in self._raw_update_sum]
+                ),
+            )
+        if tracker is not None and tracker.active:
+            state["tracker"] = tracker.state_dict()
+        torch.save(state, os.path.join(output_dir, STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or (self.projector is None and self.degradation_callback is None):
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning(
+                "%s has no %s: capability directions will be re-estimated.", checkpoint, STATE_FILE
+            )
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if list(state["tasks"]) != self.capability_tasks:
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained with capability tasks {state['tasks']}, "
+                f"this run has {self.capability_tasks}; resume with the same capability_datasets."
+            )
+        if self.projector is not None and "directions" in state:
+            check_fingerprints(f"checkpoint {checkpoint}", state.get("fingerprints"), self.capability_sampler)
+            self._sync_tracked_parameters()
+            if state.get("tracked") is not None and list(state["tracked"]) != self._tracked_names:
+                raise ValueError(
+                    f"checkpoint {checkpoint} projected {len(state['tracked'])} parameters, this run's optimizer "
+                    f"updates {len(self._tracked_names or [])}: resume with the same trainable parameters."
+                )
+            self.projector.load_state_dict(state["directions"])
+            self._directions_step = state["directions_step"]
+            if state["sampler"] is not None and self.capability_sampler is not None:
+                self.capability_sampler.load_state_dict(state["sampler"])
+            if state.get("raw_update_sum") is not None:
+                self._raw_update_sum = {
+                    id(p): t.to(device=p.device, dtype=p.dtype)
+                    for p, t in zip(self.projector.params, state["raw_update_sum"], strict=False)
+                }
+        if self.degradation_callback is not None and "tracker" in state:
+            self.degradation_callback.load_state_dict(state["tracker"], checkpoint=checkpoint)
+
+
+__all__ = [
+    "STATE_FILE",
+    "FrontierMixin",
+    "as_frontier_args",
+    "check_frontier_setup",
+    "data_fingerprints",
+    "update_leak",
+]
