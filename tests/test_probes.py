@@ -283,3 +283,25 @@ def test_prompt_independent_layer_refused(tok):
         ValueError, match=r"harmful − harmless at layer 0: the two means coincide.*drop the layer"
     ):
         probes.safety_direction(h, b)
+
+
+def test_benchmark_statistics_on_planted_orderings(monkeypatch):
+    """The Prediction-1 benchmark's per-seed, pooled and bootstrap Spearman on known orderings."""
+    from benchmarks import probe_prediction as bench
+
+    monkeypatch.setitem(bench.SETTINGS, "bootstrap_samples", 300)
+    tasks = list(bench.lab.TASKS)
+    ranks = {t: float(i) for i, t in enumerate(tasks)}
+    seeds = [
+        {"seed": 0, "tau": ranks, "obs": {t: 10.0 * r + 1 for t, r in ranks.items()}},
+        {"seed": 1, "tau": ranks, "obs": {t: -r for t, r in ranks.items()}},
+    ]
+    c = bench.correlate(seeds[:1], "tau", "obs")
+    assert c["per_seed"] == {"0": pytest.approx(1.0)} and c["pooled"] == pytest.approx(1.0)
+    assert c["pooled_ci95"][0] == pytest.approx(1.0) and c["within_seed_ci95"][1] == pytest.approx(1.0)
+    c = bench.correlate(seeds, "tau", "obs")
+    assert c["per_seed"]["1"] == pytest.approx(-1.0)
+    assert c["within_seed_mean"] == pytest.approx(0.0)
+    lo, hi = c["pooled_ci95"]
+    assert lo <= c["pooled"] <= hi
+    assert math.isnan(bench.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
