@@ -1,0 +1,220 @@
+"""Arena presets: every size of every run, chosen to fit the machine each preset is meant for.
+
+A preset fixes the suite (the lab or the real SmolLM2 suite), the seeds, the learning-rate sweep,
+the training length and the evaluation sizes. Methods are named by :data:`METHODS`; the frontier
+trainer appears once per tolerance ε as ``frontier-eps<ε>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+BASELINE_METHODS = ("vanilla", "replay", "ogpsa", "nspo")
+"""Trained baselines (``benchmarks.baselines``; ``vanilla`` is ``trl.DPOTrainer`` itself)."""
+MERGE_METHODS = ("uniform-merge", "hma")
+"""Post-hoc methods applied to the vanilla-aligned model: mergekit's linear average and our HMA."""
+OURS_TRAINED = ("nullspace",)
+"""Our trainer's modes without a tolerance; ``frontier-eps<ε>`` entries are added per preset."""
+
+
+def frontier_name(eps: float) -> str:
+    """``frontier-eps0.03`` for ε = 0.03."""
+    return f"frontier-eps{eps:g}"
+
+
+def is_ours(method: str) -> bool:
+    """Whether a method name is one of this project's (null-space, frontier at any ε, HMA)."""
+    return method in OURS_TRAINED or method == "hma" or method.startswith("frontier-eps")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every setting of one arena run.
+
+    Attributes:
+        name: the preset's name.
+        suite: ``"lab"`` (built-in synthetic world) or ``"real"`` (SmolLM2-135M-Instruct + LoRA).
+        pretrain_seeds: lab model pretraining seeds (the real suite has one base model: ``(0,)``).
+        train_seeds: training seeds; the sweep uses the first, the chosen setting runs them all.
+        learning_rates: the sweep (>= 3 values), the same for every trained method.
+        tolerances: the frontier trainer's capability tolerances ε (>= 2 values).
+        methods: methods run by default.
+        steps: optimizer steps per training run.
+        batch_size: preference pairs per step.
+        eval_limit: prompts per evaluation set (per task and per safety set), per split.
+        capability_rows: capability rows per task handed to the trainers (directions, replay, NSPO).
+        merge_ts: the sweep of the post-hoc methods (uniform-equivalent mean ratio t).
+        lab_model: lab pretraining settings (``frontier_trainer.lab.pretrain`` keyword arguments).
+        max_length: token budget of a training sequence (real suite).
+        lora_r: LoRA rank (real suite; 0 = full fine-tuning).
+        replicates: bootstrap replicates.
+        method_options: extra keyword arguments per method (for example the replay weight λ).
+        scorer: lab only: ``"fast"`` (the evaluation suite's prompts, judge and exact match with one
+            batched generation) or ``"library"`` (``evaluate_model`` itself, through lm-eval).
+    """
+
+    name: str
+    suite: str
+    pretrain_seeds: tuple[int, ...]
+    train_seeds: tuple[int, ...]
+    learning_rates: tuple[float, ...]
+    tolerances: tuple[float, ...]
+    methods: tuple[str, ...]
+    steps: int
+    batch_size: int
+    eval_limit: int
+    capability_rows: int
+    merge_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
+    lab_model: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 128
+    lora_r: int = 0
+    replicates: int = 2000
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scorer: str = "fast"
+
+    @property
+    def all_methods(self) -> tuple[str, ...]:
+        """Every method this preset knows (its tolerances expanded)."""
+        return (
+            *BASELINE_METHODS,
+            *OURS_TRAINED,
+            *(frontier_name(e) for e in self.tolerances),
+            *MERGE_METHODS,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON settings (written to ``results.json`` and ``provenance.json``)."""
+        return asdict(self)
+
+    def validate(self) -> Preset:
+        """Check the protocol's minimums; raise ``ValueError`` naming the field and the fix."""
+        if self.scorer not in ("fast", "library"):
+            raise ValueError(f"{self.name}: scorer={self.scorer!r}; use 'fast' or 'library'.")
+        if self.suite not in ("lab", "real"):
+            raise ValueError(f"{self.name}: suite={self.suite!r}; use 'lab' or 'real'.")
+        if len(self.learning_rates) < 3:
+            raise ValueError(
+                f"{self.name}: learning_rates={self.learning_rates}; the sweep needs >= 3 values."
+            )
+        if len(self.train_seeds) < 1 or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(f"{self.name}: train_seeds={self.train_seeds} must be distinct and non-empty.")
+        if len(set(self.pretrain_seeds)) != len(self.pretrain_seeds) or not self.pretrain_seeds:
+            raise ValueError(
+                f"{self.name}: pretrain_seeds={self.pretrain_seeds} must be distinct and non-empty."
+            )
+        if self.suite == "real" and len(self.pretrain_seeds) != 1:
+            raise ValueError(f"{self.name}: the real suite has one base model; set pretrain_seeds=(0,).")
+        if any(m.startswith("frontier-eps") for m in self.methods) and len(self.tolerances) < 2:
+            raise ValueError(
+                f"{self.name}: tolerances={self.tolerances}; the frontier runs at >= 2 values of ε."
+            )
+        unknown = [m for m in self.methods if m not in self.all_methods]
+        if unknown:
+            raise ValueError(f"{self.name}: methods {unknown} unknown; choose from {list(self.all_methods)}.")
+        if any(m in MERGE_METHODS for m in self.methods) and "vanilla" not in self.methods:
+            raise ValueError(f"{self.name}: merge methods need 'vanilla' in methods (they merge its model).")
+        for key in ("steps", "batch_size", "eval_limit", "capability_rows"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{self.name}: {key}={getattr(self, key)} must be a positive integer.")
+        return self
+
+    def with_overrides(self, *, seeds: int | None = None, methods: Sequence[str] | None = None) -> Preset:
+        """The preset with ``--seeds N`` (first N of 0, 1, 2, ...) and/or ``--methods`` applied."""
+        p = self
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError(f"--seeds {seeds}: pass a positive number of training seeds.")
+            p = replace(p, train_seeds=tuple(range(seeds)))
+        if methods:
+            p = replace(p, methods=tuple(methods))
+        return p.validate()
+
+
+_LAB_TOLERANCES = (0.03, 0.06)
+_LAB_TRAINED = (
+    "vanilla",
+    "replay",
+    "ogpsa",
+    "nspo",
+    "nullspace",
+    *(frontier_name(e) for e in _LAB_TOLERANCES),
+)
+
+PRESETS: dict[str, Preset] = {
+    # <= 10 min on the 2-core machine with a warm lab cache (3 lab models pretrained): 7 trained methods
+    # x (3 learning rates at seed 0 + 2 more seeds at the chosen rate) x 3 pretraining seeds = 105 runs of
+    # 30 steps (~1-3 s each on one thread), each evaluated on 50 prompts per set per split.
+    "lab-quick": Preset(
+        name="lab-quick",
+        suite="lab",
+        pretrain_seeds=(0, 1, 2),
+        train_seeds=(0, 1, 2),
+        learning_rates=(1e-4, 3e-4, 1e-3),
+        tolerances=_LAB_TOLERANCES,
+        methods=_LAB_TRAINED,
+        steps=30,
+        batch_size=16,
+        eval_limit=50,
+        capability_rows=128,
+        replicates=1000,
+    ),
+    # the full lab arena: the demo's training length (60 steps), the lab's full held-out sets (100 prompts
+    # per set and split), and the post-hoc methods on the vanilla-aligned model.
+    "lab": Preset(
+        name="lab",
+        suite="lab",
+        pretrain_seeds=(0, 1, 2),
+        train_seeds=(0, 1, 2),
+        learning_rates=(1e-4, 3e-4, 1e-3),
+        tolerances=_LAB_TOLERANCES,
+        methods=(*_LAB_TRAINED, "uniform-merge", "hma"),
+        steps=60,
+        batch_size=16,
+        eval_limit=100,
+        capability_rows=256,
+    ),
+    # <= 90 min in the background on the 2-core machine: SmolLM2-135M-Instruct + LoRA r=16, 10 steps of
+    # batch 2 at length 128 (~13 s per step measured in benchmarks/real_model), the real suite with 16
+    # prompts per set per split; 4 methods x (3 rates + 2 seeds) = 20 runs of ~4 min.
+    "smollm2-cpu": Preset(
+        name="smollm2-cpu",
+        suite="real",
+        pretrain_seeds=(0,),
+        train_seeds=(0, 1, 2),
+        learning_rates=(2e-4, 5e-4, 1e-3),
+        tolerances=(0.02, 0.05),
+        methods=("vanilla", "ogpsa", "nullspace", frontier_name(0.02)),
+        steps=10,
+        batch_size=2,
+        eval_limit=16,
+        capability_rows=32,
+        max_length=128,
+        lora_r=16,
+        replicates=1000,
+    ),
+    # a lent GPU: the full real evaluation sets, 100 steps of batch 8, every method (not run here).
+    "gpu": Preset(
+        name="gpu",
+        suite="real",
+        pretrain_seeds=(0,),
+        train_seeds=(0, 1, 2),
+        learning_rates=(1e-4, 2e-4, 5e-4, 1e-3),
+        tolerances=(0.02, 0.05),
+        methods=("vanilla", "replay", "ogpsa", "nspo", "nullspace", frontier_name(0.02), frontier_name(0.05)),
+        steps=100,
+        batch_size=8,
+        eval_limit=320,
+        capability_rows=200,
+        max_length=256,
+        lora_r=16,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset, validated; ``ValueError`` names the choices for an unknown one."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is not a preset; choose from {sorted(PRESETS)}.")
+    return PRESETS[name].validate()
