@@ -421,6 +421,11 @@ class ActivationProjector:
         self.tokens: torch.Tensor | None = None
         self._frozen: list[torch.Tensor] = []
         self._armed = False
+        #: forward passes over the capability batches the last refresh took (one per chunk of
+        #: groups whose covariances fit ``max_covariance_bytes``), and the most covariance bytes
+        #: it held at once: the refresh's transient memory, for the dry run to report
+        self.refresh_passes = 0
+        self.peak_covariance_bytes = 0
 
     # ------------------------------------------------------------------ estimation
 
@@ -472,11 +477,16 @@ class ActivationProjector:
     def _estimate(self, batches: list[dict[str, torch.Tensor]]) -> None:
         hooked = [e for e in self.entries if e.kind != "embedding"]
         self.bases, self.tokens = {}, None
+        self.refresh_passes = self.peak_covariance_bytes = 0
         if hooked:
             groups = self._find_groups(hooked, batches[0])
             leaders = [e for e in hooked if e.group == e.name]
             for chunk in _chunks(leaders, self.max_covariance_bytes):
                 covariances = self._accumulate(chunk, batches)
+                self.refresh_passes += 1
+                self.peak_covariance_bytes = max(
+                    self.peak_covariance_bytes, sum(c.numel() * c.element_size() for c in covariances.values())
+                )
                 for entry in chunk:
                     basis = top_subspace(covariances.pop(entry.name), self.energy, self.rank)
                     self.bases[entry.name] = basis.to(device=entry.params[0].device, dtype=self.basis_dtype)

@@ -337,8 +337,11 @@ def test_shared_inputs_share_one_basis_and_chunked_passes_match_one_pass() -> No
         mlp = f"model.layers.{layer}.mlp"
         assert groups[f"{mlp}.up_proj"] == groups[f"{mlp}.gate_proj"] != groups[f"{mlp}.down_proj"]
     assert len(one.bases) == 2 * 4 + 1  # per layer: attention in, o_proj in, MLP in, down_proj in; + head
+    sizes = [b.shape[0] ** 2 * 8 for b in one.bases.values()]
+    assert (one.refresh_passes, one.peak_covariance_bytes) == (1, sum(sizes))
     chunked = ActivationProjector(model, rank=4, max_covariance_bytes=1)  # one group per pass
     chunked.refresh(batches)
+    assert (chunked.refresh_passes, chunked.peak_covariance_bytes) == (len(sizes), max(sizes))
     for name, U in one.bases.items():
         V = chunked.bases[name]
         assert U.shape == V.shape
