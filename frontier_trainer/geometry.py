@@ -690,8 +690,11 @@ def solve_frontier_qp(
         result = None
     if result is not None:
         s, nu, F, solves = result
-        slack = H @ nu + s * b + e  # ⟨n_i, z⟩ + ε_i
         norm2 = s * s + 2.0 * s * float(b @ nu) + float(nu @ H @ nu)
+        if 1.0 < norm2 <= 1.0 + 1e-6:  # rounding: shrink onto the ball (0 ∈ P keeps z feasible)
+            s, nu = s / math.sqrt(norm2), nu / math.sqrt(norm2)
+            norm2 = 1.0
+        slack = H @ nu + s * b + e  # ⟨n_i, z⟩ + ε_i
         if (
             math.isfinite(s)
             and np.all(np.isfinite(nu))
@@ -725,55 +728,97 @@ def _frontier_path(
     A: np.ndarray, H: np.ndarray, b: np.ndarray, e: np.ndarray, F: list[int], max_solves: int
 ) -> tuple[float, np.ndarray, list[int], int] | None:
     """The search over s of :func:`solve_frontier_qp`: returns (s, ν, active set, solves), or
-    None when ``max_solves`` box-QP solves did not settle it."""
+    None when ``max_solves`` linear solves did not settle it.
+
+    On an active set F (ν_F = −(s x + y) with x = A_FF⁻¹b_F, y = A_FF⁻¹ε_F) the norm is
+    ‖z(s)‖² = s² (1 − b_Fᵀx) + ε_Fᵀy, so the s with ‖z‖ = 1 is read off; if ν_F ≥ 0 there and
+    no other multiplier wants in, that (s, F) is the optimum. Otherwise the box QP at that s
+    (warm started from F) gives the next active set.
+    """
+    n = b.size
+    tol = 1e-12
     lo, hi = 1.0, math.inf  # ‖proj_P(u)‖ ≤ ‖u‖ = 1 since 0 ∈ P: s* ≥ 1
     s = 1.0
     solves = 0
-    n = b.size
+    first = bool(F)
     while solves < max_solves:
-        nu, F, used = _box_qp(A, s * b + e, F, max_solves - solves)
-        solves += used
-        if nu is None:
-            return None
-        norm2 = s * s + 2.0 * s * float(b @ nu) + float(nu @ H @ nu)
-        if abs(norm2 - 1.0) <= FRONTIER_NORM_RTOL:
-            return s, nu, F, solves
+        if first:
+            first = False  # try the warm start's own piece before any box QP
+        else:
+            nu, F, used = _box_qp(A, s * b + e, F, max_solves - solves)
+            solves += used
+            if nu is None:
+                return None
+        if F:
+            xy = np.linalg.solve(A[np.ix_(F, F)], np.stack([b[F], e[F]], axis=1))
+            solves += 1
+            x, y = xy[:, 0], xy[:, 1]
+            # ‖P_{F⊥}u‖² and ‖z_F‖² with H itself: the ridge's share ρ‖·‖² is taken out
+            perp2 = 1.0 - float(b[F] @ x) - FRONTIER_RIDGE * float(x @ x)
+            za2 = float(e[F] @ y) - FRONTIER_RIDGE * float(y @ y)
+        else:
+            x = y = np.zeros(0)
+            perp2, za2 = 1.0, 0.0
+        guess = math.inf  # when this active set cannot reach ‖z‖ = 1
+        if perp2 <= 1e-10 and za2 <= 1.0 + tol:
+            # u lies in span(active normals): on this set z = −Σ y_i n_i for every s. It is the
+            # optimum with the ball inactive if −u is a nonnegative combination of these normals
+            # (KKT with μ = 0); then δ needs no multiple of u at all (a_0 = 0, no cancellation).
+            lam, _, used = _box_qp(A[np.ix_(F, F)], b[F], list(range(len(F))), max_solves)
+            solves += used
+            if lam is not None and 1.0 + 2.0 * float(b[F] @ lam) + float(lam @ H[np.ix_(F, F)] @ lam) <= 1e-14:
+                # KKT with μ = 0: multipliers λ ≥ 0 on F (certified above), z on the F
+                # equalities, and z feasible for every other constraint
+                nu = np.zeros(n)
+                nu[F] = -y
+                _refine(A, H, e, F, nu)
+                if float((H @ nu + e).min()) >= -tol:
+                    return 0.0, nu, F, solves
+        if perp2 > 1e-16 and za2 < 1.0:
+            guess = math.sqrt((1.0 - za2) / perp2)
+            nu = np.zeros(n)
+            nu[F] = -(guess * x + y)
+            if lo - tol <= guess <= hi + tol and _kkt_feasible(A, b, e, guess, nu, F, tol):
+                _refine(A, H, guess * b + e, F, nu)
+                return guess, nu, F, solves
+        # the piece's s is not optimal: keep a bracket lo <= s* <= hi and move inside it
+        norm2 = s * s * perp2 + za2 if F else s * s
         if norm2 < 1.0:
             lo = max(lo, s)
         else:
             hi = min(hi, s)
-        if F:
-            AF = A[np.ix_(F, F)]
-            x = np.linalg.solve(AF, b[F])
-            y = np.linalg.solve(AF, e[F])
-            perp2 = 1.0 - float(b[F] @ x)
-            za2 = float(e[F] @ y)
-        else:
-            x = y = np.zeros(0)
-            perp2, za2 = 1.0, 0.0
-        if perp2 <= 1e-12 and norm2 < 1.0:
-            # u lies in span(active normals): z is constant along s on this active set. It is
-            # the optimum (ball inactive) if the set never changes for larger s: multipliers
-            # ν = −(s x + y) keep growing and no inactive gradient turns negative.
-            outside = np.setdiff1d(np.arange(n), F)
-            grows = bool(np.all(-x >= -1e-12))
-            stays = outside.size == 0 or bool(np.all(b[outside] - A[np.ix_(outside, F)] @ x >= -1e-12))
-            if grows and stays:
-                return s, nu, F, solves
-            guess = math.inf
-        elif perp2 <= 1e-12 or za2 >= 1.0:
-            guess = math.inf  # this active set cannot reach ‖z‖ = 1: bisect
-        else:
-            guess = math.sqrt((1.0 - za2) / perp2)
         if lo < guess < hi and guess != s:
             s = guess
         elif math.isfinite(hi):
             s = 0.5 * (lo + hi)
         else:
             s = 2.0 * max(s, lo)
-        if s > 1e12:
+        if s > 1e10:
             return None
     return None
+
+
+def _refine(A: np.ndarray, H: np.ndarray, q: np.ndarray, F: list[int], nu: np.ndarray) -> None:
+    """Two steps of iterative refinement of H_FF ν_F = −q_F preconditioned by A_FF = H_FF + ρI,
+    in place: removes the ridge's relaxation ρν_F of the active constraints (it grows with ν,
+    so with the step's scale s) wherever H_FF is not singular."""
+    if not F:
+        return
+    AF, HF = A[np.ix_(F, F)], H[np.ix_(F, F)]
+    for _ in range(2):
+        nu[F] += np.linalg.solve(AF, -q[F] - HF @ nu[F])
+
+
+def _kkt_feasible(
+    A: np.ndarray, b: np.ndarray, e: np.ndarray, s: float, nu: np.ndarray, F: list[int], tol: float
+) -> bool:
+    """Whether ν (supported on F) solves the box QP at s: ν_F ≥ 0 and the gradient
+    Aν + s·b + ε is ≥ 0 off F (every inactive constraint holds)."""
+    if F and float(nu[F].min()) < -tol:
+        return False
+    w = A @ nu + s * b + e
+    w[F] = np.inf
+    return bool(w.min() >= -tol * max(1.0, s))
 
 
 def _box_qp(
@@ -782,7 +827,10 @@ def _box_qp(
     """min ½ νᵀAν + qᵀν over ν ≥ 0 for a positive definite A, by a primal active-set method
     (Lawson–Hanson's NNLS iteration on a general quadratic), warm started from the free set F0.
 
-    Returns (ν, free set, solves); ν is None if ``budget`` solves were not enough.
+    Every coordinate whose gradient is negative enters at once; when the solution on the
+    enlarged set has nonpositive entries the iterate steps back to the boundary and those
+    leave (the objective decreases at every step). Returns (ν, free set, solves); ν is None
+    if ``budget`` solves were not enough.
     """
     n = q.size
     tol = 1e-13 * max(1.0, float(np.abs(q).max()))
@@ -799,15 +847,13 @@ def _box_qp(
     refused: set[int] = set()
     while solves < budget:
         w = A @ nu + q
-        free = np.zeros(n, dtype=bool)
-        free[F] = True
+        w[F] = np.inf
         if refused:
-            free[list(refused)] = True
-        w_out = np.where(free, np.inf, w)
-        j = int(np.argmin(w_out))
-        if not w_out[j] < -tol:
+            w[list(refused)] = np.inf
+        entering = [int(j) for j in np.nonzero(w < -tol)[0]]
+        if not entering:
             return nu, F, solves
-        F = sorted([*F, j])
+        F = sorted([*F, *entering])
         while solves < budget:
             x = np.zeros(n)
             x[F] = np.linalg.solve(A[np.ix_(F, F)], -q[F])
@@ -820,15 +866,16 @@ def _box_qp(
                 break
             ratios = nu[bad] / (nu[bad] - x[bad])
             alpha = float(ratios.min())
-            nu = nu + alpha * (x - nu)
-            nu[nu < 0] = 0.0
-            keep = [f for f in F if nu[f] > 0 and f not in set(bad[ratios <= alpha].tolist())]
-            if j not in keep and alpha == 0.0:
-                refused.add(j)  # numerically it cannot enter: do not try it again at this point
-            F = keep
-            nu[np.setdiff1d(np.arange(n), F)] = 0.0
-            if j in refused:
-                break
+            nu = np.maximum(nu + alpha * (x - nu), 0.0)
+            hit = set(bad[ratios <= alpha].tolist())
+            F = [f for f in F if f not in hit and (nu[f] > 0 or x[f] > 0)]
+            outside = np.ones(n, dtype=bool)
+            outside[F] = False
+            nu[outside] = 0.0
+            if alpha == 0.0:
+                refused.update(j for j in entering if j not in F)  # cannot enter here: do not retry
+                if not any(j in F for j in entering):
+                    break
     return None, F, solves
 
 
