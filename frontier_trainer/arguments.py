@@ -190,9 +190,14 @@ class FrontierArguments:
     )
 
     def __post_init__(self) -> None:
+        """Validate the frontier fields (first, so their errors are not masked by the base
+        config's), then run the base config's own ``__post_init__``."""
+        self._validate_frontier_fields()
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+
+    def _validate_frontier_fields(self) -> None:
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.capability_param_change not in PARAM_CHANGE_POLICIES:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 WORDS = [f"w{i}" for i in range(40)] + ["refuse", "sorry", "copy", "count", "=>", "harm"]
 
@@ -55,7 +57,93 @@ def preference_dataset(n: int = 16) -> Dataset:
     return Dataset.from_list(preference_rows(n))
 
 
-def capability_datasets() -> dict[str, Dataset]:
-    copy = [{"prompt": f"copy w{i} w{i + 1} =>", "completion": f" w{i} w{i + 1}"} for i in range(20)]
-    count = [{"prompt": f"count w{i} =>", "completion": f" w{i + 1} w{i + 2} w{i + 3}"} for i in range(20)]
-    return {"copy": Dataset.from_list(copy), "count": Dataset.from_list(count)}
+def capability_rows(n: int = 20, start: int = 0) -> dict[str, list[dict[str, str]]]:
+    """Rows of the two capability tasks (``copy``, ``count``), indices start..start+n-1."""
+    idx = range(start, start + n)
+    return {
+        "copy": [{"prompt": f"copy w{i} w{i + 1} =>", "completion": f" w{i} w{i + 1}"} for i in idx],
+        "count": [{"prompt": f"count w{i} =>", "completion": f" w{i + 1} w{i + 2} w{i + 3}"} for i in idx],
+    }
+
+
+def capability_datasets(n: int = 20) -> dict[str, Dataset]:
+    return {task: Dataset.from_list(rows) for task, rows in capability_rows(n).items()}
+
+
+# --------------------------------------------------------------------------------------
+# an independent leak probe: its own tokenisation, metric, gradients and step records
+# --------------------------------------------------------------------------------------
+
+
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
+
+
+def independent_gradient(
+    model: torch.nn.Module, params: Sequence[torch.nn.Parameter], rows: Sequence[dict[str, str]], tok: Any
+) -> torch.Tensor:
+    """∇ of the pooled mean completion log-likelihood over ``rows``, one unpadded row at a time,
+    flattened in float64. Shares no code with frontier_trainer (tokeniser calls and autograd only)."""
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    count = 0
+    for row in rows:
+        n_prompt = len(tok(row["prompt"])["input_ids"])
+        count += len(tok(row["prompt"] + row["completion"])["input_ids"]) - n_prompt
+    was_training = model.training
+    model.eval()
+    try:
+        for row in rows:
+            prompt_ids = tok(row["prompt"])["input_ids"]
+            ids = tok(row["prompt"] + row["completion"])["input_ids"]
+            with torch.enable_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                score = sum(logp[pos - 1, ids[pos]] for pos in range(len(prompt_ids), len(ids)))
+                grads = torch.autograd.grad(score / count, list(params), allow_unused=True)
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:
+                    acc.add_(g.double())
+    finally:
+        model.train(was_training)
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+class LeakProbe(TrainerCallback):
+    """Records θ right before and after every real optimizer step (``on_pre_optimizer_step`` /
+    ``on_optimizer_step``), recomputes each capability task's gradient at θ_before with
+    :func:`independent_gradient`, and keeps |cos(∇f_i, θ_after − θ_before)| per task.
+
+    ``params`` (optional) names the parameters the leak is measured over (default: all with
+    ``requires_grad`` at that step)."""
+
+    def __init__(self, rows: Mapping[str, Sequence[dict[str, str]]], tok: Any, params: Any = None) -> None:
+        self.rows = {task: list(r) for task, r in rows.items()}
+        self.tok = tok
+        self.params = params
+        self.steps: list[dict[str, Any]] = []
+        self._before: torch.Tensor | None = None
+
+    def _params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        if self.params is not None:
+            return list(self.params(model))
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        model = getattr(model, "module", model)
+        params = self._params(model)
+        self._before = flat(params)
+        self._grads = {t: independent_gradient(model, params, r, self.tok) for t, r in self.rows.items()}
+        self._model = model
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self._before is not None
+        delta = flat(self._params(self._model)) - self._before
+        leak = {
+            t: abs(float(g @ delta)) / float(g.norm() * delta.norm()) if float(delta.norm()) > 0 else 0.0
+            for t, g in self._grads.items()
+        }
+        self.steps.append({"step": state.global_step, "delta": delta, "leak": leak, "grads": self._grads})
+        self._before = None
+
+    def max_leak(self) -> float:
+        return max(v for s in self.steps for v in s["leak"].values())
