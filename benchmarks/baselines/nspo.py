@@ -225,17 +225,28 @@ class NSPODPOTrainer(DPOTrainer):
         """W ← W_ref + (W − W_ref) P for every projected module (LoRA: A ← A P), in float64."""
         if not self.projectors:
             return
+        removed = total = 0.0
         for name, module in self.projected_modules.items():
             P = self.projectors[name]
             if _is_lora_layer(module):
                 for adapter in module.lora_A:
                     A = module.lora_A[adapter].weight
                     if A.requires_grad:
-                        A.copy_((A.double() @ P.to(A.device)).to(A.dtype))
+                        A64 = A.double()
+                        kept = A64 @ P.to(A.device)
+                        removed += float((A64 - kept).square().sum())
+                        total += float(A64.square().sum())
+                        A.copy_(kept.to(A.dtype))
             else:
                 W = module.weight
                 W_ref = self.reference_weights[name].to(W.device).double()
-                W.copy_((W_ref + (W.double() - W_ref) @ P.to(W.device)).to(W.dtype))
+                delta = W.double() - W_ref
+                kept = delta @ P.to(W.device)
+                removed += float((delta - kept).square().sum())
+                total += float(delta.square().sum())
+                W.copy_((W_ref + kept).to(W.dtype))
+        if total > 0:  # share of the MLP change (squared norm; with LoRA, of A) the re-projection took away
+            self._metrics["train"]["nspo/fraction_removed"].append(removed / total)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
