@@ -404,6 +404,49 @@ class UpdateProjector:
             out.append(abs(float(row[i + 1])) / denom if denom > 0 else 0.0)
         return out
 
+    @torch.no_grad()
+    def update_leak(
+        self, directions: Sequence[Sequence[torch.Tensor]], *, names: Sequence[str] | None = None
+    ) -> list[float]:
+        """Generalisation leak (issue 15 §1): |cos(Δ, d_j)| for the last applied update
+        Δ = θ − θ_old and each given direction d_j, in float64.
+
+        The realised leak (:meth:`measure_leak`) is measured against the directions that
+        projected Δ, so it is ~0 by construction. Measured against *fresh* directions, from
+        capability rows that were not used to project Δ, it says how much of the protection
+        carries over to the task rather than to one batch. The trainer calls this at a refresh,
+        after computing the new directions and before installing them.
+
+        Valid between :meth:`after_step` (which applied Δ) and the next :meth:`before_step`;
+        a zero Δ or a zero direction gives 0.
+
+        Raises:
+            RuntimeError: if there is no applied update to measure.
+            ValueError: if a direction has the wrong shapes or contains NaN or inf (named as
+                in :meth:`set_directions`).
+        """
+        if not self._applied or self._snapshot is None:
+            raise RuntimeError(
+                "update_leak measures the last applied update: call it after after_step() and "
+                "before the next before_step()"
+            )
+        labels = self._labels(len(directions), names)
+        checked = self._check_directions(directions, labels)
+        if not checked:
+            return []
+        row = self._dots(None, checked).tolist()  # [‖Δ‖², ⟨Δ, d_1⟩, …]
+        out = []
+        for label, direction, dot in zip(labels, checked, row[1:], strict=True):
+            norm2 = float(self._dots(direction, [])[0])
+            if not math.isfinite(norm2):
+                raise ValueError(
+                    f"{label} contains NaN or inf: check the capability rows it was computed from and "
+                    "the loss scaling (an fp16 overflow gives inf gradients)"
+                )
+            denom = math.sqrt(max(row[0], 0.0) * norm2)
+            out.append(abs(dot) / denom if denom > 0 else 0.0)
+        return out
+
     def extra_memory_bytes(self) -> int:
         """Bytes held by the projector: the snapshot plus the directions."""
         per = sum(p.numel() * p.element_size() for p in self.params)

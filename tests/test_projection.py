@@ -278,3 +278,100 @@ def test_float64_accumulation_keeps_16m_element_parameter_exact() -> None:
     assert out["gram_err"] <= 1e-9
     assert out["norm_err"] <= 1e-9
     assert out["leak"] <= 1e-7
+
+
+def small_params(seed: int = 3) -> tuple[list[torch.nn.Parameter], torch.Generator]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in [(4, 3), (5,)]]
+    return params, gen
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_direction_has_its_own_error_naming_it(bad: float) -> None:
+    """Issue 12 §3: a NaN/inf direction is refused at set_directions with a message naming the
+    task's direction and what to check; the previous directions stay installed."""
+    params, gen = small_params()
+    good = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(2)]
+    projector = UpdateProjector(params)
+    projector.set_directions(good, names=["task 'math' direction 0", "task 'code' direction 0"])
+    broken = [[t.clone() for t in d] for d in good]
+    broken[1][1][2] = bad
+    with pytest.raises(ValueError, match=r"task 'code' direction 0 contains NaN or inf") as err:
+        projector.set_directions(broken, names=["task 'math' direction 0", "task 'code' direction 0"])
+    assert "capability rows" in str(err.value) and "loss scaling" in str(err.value)
+    assert "task 'math'" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(projector.directions[1], good[1], strict=True))
+    # without names the index is named
+    with pytest.raises(ValueError, match=r"direction 1 contains NaN or inf"):
+        projector.set_directions(broken)
+
+
+def test_names_must_match_the_directions() -> None:
+    params, gen = small_params()
+    dirs = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]]
+    with pytest.raises(ValueError, match="names has 2 entries for 1 directions"):
+        UpdateProjector(params).set_directions(dirs, names=["a", "b"])
+
+
+def test_non_finite_update_keeps_its_own_error() -> None:
+    params, gen = small_params()
+    projector = UpdateProjector(params)
+    projector.set_directions([[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]])
+    projector.before_step()
+    with torch.no_grad():
+        params[0][1, 1] = math.nan
+    with pytest.raises(ValueError, match=r"update u = θ_new − θ_old is not finite"):
+        projector.after_step()
+
+
+def test_state_dict_round_trip_keeps_names() -> None:
+    params, gen = small_params()
+    projector = UpdateProjector(params)
+    projector.set_directions([[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]], names=["t0"])
+    other = UpdateProjector(params)
+    other.load_state_dict(projector.state_dict())
+    assert other.direction_names == ["t0"]
+    assert torch.equal(other._direction_gram, projector._direction_gram)
+
+
+def test_update_leak_against_hand_computation() -> None:
+    """Issue 15 §1: |cos| between the last applied update and fresh directions, computed here
+    by hand from the parameters before and after; ~0 against the directions that projected it."""
+    params, gen = small_params()
+    used = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(2)]
+    fresh = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(3)]
+    fresh[2] = [torch.zeros_like(p) for p in params]  # a zero direction gives 0
+    projector = UpdateProjector(params)
+    projector.set_directions(used)
+    with pytest.raises(RuntimeError, match="after after_step"):
+        projector.update_leak(fresh)
+    before = flat([p.detach() for p in params])
+    projector.before_step()
+    with pytest.raises(RuntimeError, match="after after_step"):
+        projector.update_leak(fresh)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    projector.after_step()
+    delta = (flat([p.detach() for p in params]) - before).numpy()
+    expected = []
+    for d in fresh[:2]:
+        c = flat(d).numpy()
+        expected.append(abs(float(delta @ c)) / math.sqrt(float(delta @ delta) * float(c @ c)))
+    got = projector.update_leak(fresh)
+    assert got[:2] == pytest.approx(expected, rel=1e-12)
+    assert got[2] == 0.0
+    assert max(expected) > 0.05  # the fresh directions do overlap the step
+    assert max(projector.update_leak(used)) <= 1e-12
+    # installing new directions does not change the applied update; the next step does
+    projector.clear_directions()
+    projector.set_directions(fresh[:2])
+    assert projector.update_leak(fresh[:2]) == pytest.approx(expected, rel=1e-12)
+    projector.before_step()
+    with pytest.raises(RuntimeError):
+        projector.update_leak(fresh)
+    bad = [[t.clone() for t in d] for d in fresh[:1]]
+    bad[0][0][0, 0] = math.nan
+    projector.after_step()
+    with pytest.raises(ValueError, match="fresh 'code' 0 contains NaN"):
+        projector.update_leak(bad, names=["fresh 'code' 0"])
