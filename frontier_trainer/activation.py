@@ -785,7 +785,8 @@ def activation_memory(
     * ``activation_basis``: Σ_groups r·d_in·itemsize with r = ``rank`` for every group (an upper
       bound: the energy rule may keep fewer); groups found by one meta forward (q/k/v share);
       the embedding counts r token ids (int64);
-    * ``activation_step``: the float64 step images, Σ_modules r·d_out·8 (+ r·hidden embedding rows);
+    * ``activation_step``: the float64 step images, Σ_modules r·d_out·8 (LoRA: r_lora·r + r_lora·q +
+      d_out·q with q = min(r_lora, r)), plus r·hidden embedding rows;
     * ``activation_refresh``: the float64 covariance of the largest group, the smallest budget
       a refresh can run in (one group per pass), and ``activation_refresh_one_pass``: Σ_groups
       d_in²·8, all groups in one pass;
@@ -803,13 +804,16 @@ def activation_memory(
             basis += rank * 8
             step += rank * weight.shape[1] * weight.element_size()
             continue
-        if entry.kind == "lora":
-            weight = entry.params[1]
         if groups.get(entry.name, entry.name) == entry.name:
             basis += rank * entry.d_in * basis_itemsize
             one_pass += entry.d_in * entry.d_in * 8
             largest = max(largest, entry.d_in * entry.d_in * 8)
-        step += rank * weight.shape[0] * 8
+        if entry.kind == "lora":  # A_old U, Q and B_old Q (see step_image_bytes)
+            r_lora, d_out = entry.params[0].shape[0], entry.params[1].shape[0]
+            q = min(r_lora, rank)
+            step += (r_lora * rank + r_lora * q + d_out * q) * 8
+        else:
+            step += rank * weight.shape[0] * 8
         dense += entry.d_in * entry.d_in * 4
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {

@@ -394,6 +394,13 @@ def test_memory_counts_match_the_tensors_and_beat_gradient_mode() -> None:
     assert estimate["activation_basis"] == projector.basis_bytes()
     assert estimate["activation_step"] == projector.step_image_bytes()
     assert estimate["gradient"] == 3 * sum(p.numel() * 4 for p in model.parameters())
+    lora = lora_model(r=2)
+    lora_projector = ActivationProjector(lora, rank=4, energy=1.0)
+    lora_projector.refresh(capability_batches(n=2))
+    assert set(lora_projector.ranks().values()) == {4}
+    lora_estimate = activation_memory(lora, rank=4, num_directions=2)
+    assert lora_estimate["activation_basis"] == lora_projector.basis_bytes()
+    assert lora_estimate["activation_step"] == lora_projector.step_image_bytes()
     # on the meta device with SmolLM2's shapes (no weights allocated)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
