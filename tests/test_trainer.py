@@ -425,6 +425,64 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(model_dir: Path, tmp_p
     assert resumed.capability_sampler.state_dict() == full.capability_sampler.state_dict()
 
 
+def run_and_resume(
+    model_dir: Path, tmp_path: Path, evals: Any = None, caps_resumed: Any = None, **overrides: Any
+) -> tuple[FrontierDPOTrainer, FrontierDPOTrainer]:
+    """An uninterrupted 6-step run saving at step 3, and a second run resumed from checkpoint-3."""
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, capability_refresh_steps=2, **overrides)
+    runs = []
+    for name, resume in (("full", None), ("resumed", tmp_path / "full" / "out" / "checkpoint-3")):
+        trainer = FrontierDPOTrainer(
+            model=str(model_dir),
+            args=config(tmp_path / name, **common),
+            train_dataset=preference_dataset(),
+            processing_class=build_tokenizer(),
+            capability_datasets=capability_datasets() if resume is None or caps_resumed is None else caps_resumed,
+            capability_eval_datasets=evals,
+        )
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runs.append(trainer)
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"projection": "frontier", "capability_tolerance": 0.05}, {"capability_ema": 0.5}],
+    ids=["frontier", "ema"],
+)
+def test_frontier_and_ema_resume_match_uninterrupted_run(model_dir: Path, tmp_path: Path, overrides) -> None:
+    full, resumed = run_and_resume(model_dir, tmp_path, degradation_tracking=False, **overrides)
+    a, b = final_params(full), final_params(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for x, y in zip(full.projector.directions, resumed.projector.directions, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
+
+
+def test_resume_restores_the_degradation_tracker(model_dir: Path, tmp_path: Path) -> None:
+    """The resumed run continues the tracker's measurement (from θ_0, not from the checkpoint)."""
+    copy = [{"prompt": f"copy w{i} w{i + 1} =>", "completion": f" w{i} w{i + 1}"} for i in range(20, 26)]
+    count = [{"prompt": f"count w{i} =>", "completion": f" w{i + 1} w{i + 2} w{i + 3}"} for i in range(20, 26)]
+    evals = {"copy": Dataset.from_list(copy), "count": Dataset.from_list(count)}
+    full, resumed = run_and_resume(model_dir, tmp_path, evals=evals, degradation_eval_steps=2)
+    f, r = full.degradation_callback, resumed.degradation_callback
+    assert f is not None and r is not None and f.summary and r.summary
+    assert r.geometry == f.geometry  # not re-measured at the resumed parameters
+    for task in ("copy", "count"):
+        assert r.predicted[task] == pytest.approx(f.predicted[task], rel=1e-9, abs=1e-12)
+        assert r.observed[task] == pytest.approx(f.observed[task], rel=1e-9, abs=1e-12)
+        assert abs(f.observed[task]) > 0  # the comparison is not vacuous
+    assert [h["train/global_step"] for h in r.history] == [h["train/global_step"] for h in f.history]
+
+
+def test_resume_with_other_capability_data_names_the_task(model_dir: Path, tmp_path: Path) -> None:
+    changed = capability_datasets()
+    rows = [{"prompt": f"count w{i} =>", "completion": f" w{i + 2} w{i + 3}"} for i in range(20)]
+    changed["count"] = Dataset.from_list(rows)  # same task names, other rows
+    with pytest.raises(ValueError, match=r"'count'.*fingerprint"):
+        run_and_resume(model_dir, tmp_path, caps_resumed=changed, degradation_tracking=False)
+
+
 # --------------------------------------------------------------------------------------
 # bad input and unsupported setups: clear errors before training
 # --------------------------------------------------------------------------------------
