@@ -48,7 +48,7 @@ class NSPODPOTrainer(DPOTrainer):
     1. at the start of training, record with forward pre-hooks the input x of every MLP linear
        (``gate_proj``/``up_proj``/``down_proj``) at every non-pad token of the first
        ``n_reference`` rows (prompt and completion) of each capability task: C = KᵀK = Σ x xᵀ
-       (float64, pooled over tasks); snapshot W_ref = W;
+       (float64, pooled over tasks; the forward runs without autocast, dropout off); snapshot W_ref = W;
     2. eigendecompose C = V diag(λ) Vᵀ; the null basis U₀ is the eigenvectors with
        λ ≤ ``eig_threshold`` · λ_max, and P = U₀U₀ᵀ (d_in × d_in, float64);
     3. after every ``reproject_steps``-th optimizer step (a step post-hook on the raw torch
@@ -181,7 +181,8 @@ class NSPODPOTrainer(DPOTrainer):
 
         handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in self.projected_modules.items()]
         try:
-            with deterministic_forward(model), self.autocast_smart_context_manager():
+            # no autocast: K is the full-precision activation, whatever precision training runs in
+            with deterministic_forward(model):
                 for task in self.capability_sampler.tasks:
                     for batch in reference_batches(
                         self.capability_sampler, task, self.n_reference, device=device
