@@ -52,13 +52,14 @@ def time_solver(m: int, kind: str, eps: float, problems: int, warm_steps: int, s
     rng = np.random.default_rng(seed)
     d = max(4 * m, 64)
     tolerances = [eps] * m
-    cold, warm, active, unconverged = [], [], [], 0
+    cold, warm, cold_cpu, warm_cpu, active, unconverged = [], [], [], [], [], 0
     for _ in range(problems):
         base = frontier_gram(kind, m, d, rng)
         gram = torch.tensor(base)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sol = geometry.solve_frontier_qp(gram, tolerances)
         cold.append(time.perf_counter() - start)
+        cold_cpu.append(time.process_time() - cpu)
         active.append(len(sol.active))
         unconverged += not sol.converged
         # a run of steps whose u drifts slowly: warm start from the previous active set
@@ -68,16 +69,20 @@ def time_solver(m: int, kind: str, eps: float, problems: int, warm_steps: int, s
             W = L.T.copy()
             W[:, 0] += 0.05 * np.linalg.norm(W[:, 0]) * rng.normal(size=m + 1) / np.sqrt(m + 1)
             g = torch.tensor(W.T @ W)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             sol = geometry.solve_frontier_qp(g, tolerances, warm_start=prev)
             warm.append(time.perf_counter() - start)
+            warm_cpu.append(time.process_time() - cpu)
             unconverged += not sol.converged
             prev = sol.active
+    nan = float("nan")
     return {
         "cold_median_ms": 1e3 * statistics.median(cold),
-        "cold_max_ms": 1e3 * max(cold),
-        "warm_median_ms": 1e3 * statistics.median(warm) if warm else float("nan"),
-        "warm_max_ms": 1e3 * max(warm) if warm else float("nan"),
+        "cold_cpu_median_ms": 1e3 * statistics.median(cold_cpu),
+        "cold_cpu_max_ms": 1e3 * max(cold_cpu),
+        "warm_median_ms": 1e3 * statistics.median(warm) if warm else nan,
+        "warm_cpu_median_ms": 1e3 * statistics.median(warm_cpu) if warm else nan,
+        "warm_cpu_max_ms": 1e3 * max(warm_cpu) if warm else nan,
         "mean_active": float(np.mean(active)),
         "unconverged": float(unconverged),
     }
@@ -176,12 +181,21 @@ def main() -> None:
             for eps in args.eps:
                 logger.info("solver m=%d %s eps=%g", m, kind, eps)
                 rows.append((m, kind, eps, time_solver(m, kind, eps, args.problems, args.warm_steps, seed=m)))
-    print(f"frontier solver, {args.threads} thread(s), {args.problems} problems x {args.warm_steps} warm steps")
-    print(f"{'m':>4} {'kind':<12} {'eps':>5} {'cold med':>9} {'cold max':>9} {'warm med':>9} {'warm max':>9} {'|A|':>5} {'fallback':>8}")
+    print(
+        f"frontier solver, {args.threads} thread(s), {args.problems} problems x {args.warm_steps} warm steps; "
+        "wall = median wall-clock ms, cpu = process CPU ms (median / max; wall maxima on a shared host "
+        "are scheduling noise)"
+    )
+    head = ["m", "kind", "eps", "cold wall", "cold cpu", "cold cpu max", "warm wall", "warm cpu", "warm cpu max", "|A|", "fallback"]
+    print(f"{head[0]:>4} {head[1]:<12} {head[2]:>5} " + " ".join(f"{h:>12}" for h in head[3:]))
     for m, kind, eps, r in rows:
+        cells = [
+            r["cold_median_ms"], r["cold_cpu_median_ms"], r["cold_cpu_max_ms"],
+            r["warm_median_ms"], r["warm_cpu_median_ms"], r["warm_cpu_max_ms"],
+        ]
         print(
-            f"{m:>4} {kind:<12} {eps:>5.2f} {r['cold_median_ms']:>7.2f}ms {r['cold_max_ms']:>7.2f}ms "
-            f"{r['warm_median_ms']:>7.2f}ms {r['warm_max_ms']:>7.2f}ms {r['mean_active']:>5.1f} {int(r['unconverged']):>8d}"
+            f"{m:>4} {kind:<12} {eps:>5.2f} " + " ".join(f"{c:>10.2f}ms" for c in cells)
+            + f" {r['mean_active']:>12.1f} {int(r['unconverged']):>12d}"
         )
     if not args.skip_gram:
         r = time_gram(args.gram_directions, args.gram_repeats, args.gram_layers)

@@ -742,6 +742,7 @@ def _frontier_path(
     solves = 0
     first = bool(F)
     while solves < max_solves:
+        solved_at_s = not first
         if first:
             first = False  # try the warm start's own piece before any box QP
         else:
@@ -781,12 +782,14 @@ def _frontier_path(
             if lo - tol <= guess <= hi + tol and _kkt_feasible(A, b, e, guess, nu, F, tol):
                 _refine(A, H, guess * b + e, F, nu)
                 return guess, nu, F, solves
-        # the piece's s is not optimal: keep a bracket lo <= s* <= hi and move inside it
-        norm2 = s * s * perp2 + za2 if F else s * s
-        if norm2 < 1.0:
-            lo = max(lo, s)
-        else:
-            hi = min(hi, s)
+        # the piece's s is not optimal: keep a bracket lo <= s* <= hi and move inside it (only
+        # an active set from the box QP at s tells ‖z(s)‖; a warm start's set does not)
+        if solved_at_s:
+            norm2 = s * s * perp2 + za2 if F else s * s
+            if norm2 < 1.0:
+                lo = max(lo, s)
+            else:
+                hi = min(hi, s)
         if lo < guess < hi and guess != s:
             s = guess
         elif math.isfinite(hi):

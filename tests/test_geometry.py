@@ -509,6 +509,130 @@ def test_solve_frontier_step_monotone_in_tolerance() -> None:
     assert gains[-1] > gains[0]
 
 
+def large_frontier_problem(kind: str, seed: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """u and m capability columns for the polynomial solver's families.
+
+    ``random``: independent directions; ``conflicting``: the raw step lowers every capability;
+    ``dependent``: a third of the columns are combinations of others (rank-deficient C);
+    ``bounded``: the normals positively span a 3-D subspace containing u, so the feasible set
+    within span(u, C) is a small box and no step of full norm is feasible (‖δ*‖ < ‖u‖).
+    """
+    rng = rng_from(seed)
+    d = m + 6
+    u = rng.normal(size=d)
+    if kind == "bounded":
+        basis, _ = np.linalg.qr(np.concatenate([u[:, None], rng.normal(size=(d, 2))], axis=1))
+        signs = np.concatenate([basis, -basis], axis=1)  # ±e_1, ±e_2, ±e_3
+        picks = [signs[:, k % 6] + 0.05 * basis @ rng.normal(size=3) for k in range(m)]
+        return u, np.stack(picks, axis=1) * rng.uniform(0.5, 2.0, size=m)
+    C = rng.normal(size=(d, m))
+    if kind == "conflicting":
+        C = C - np.outer(u, np.abs(C.T @ u) + 0.5 * np.linalg.norm(C, axis=0) * np.linalg.norm(u)) / (u @ u)
+    elif kind == "dependent":
+        k = m // 3
+        C[:, :k] = C[:, k : 2 * k] @ rng.normal(size=(k, k))
+        C = C - np.outer(u, np.abs(C.T @ u)) / (u @ u)
+    return u, C
+
+
+@pytest.mark.parametrize("kind", ["random", "conflicting", "dependent", "bounded"])
+@pytest.mark.parametrize("m", [6, 12, 24])
+@pytest.mark.parametrize("eps_value", [0.0, 0.1])
+def test_polynomial_solver_agrees_with_slsqp(kind: str, m: int, eps_value: float) -> None:
+    """Issue 12 §3: the QP solver meets every constraint and reaches SLSQP's optimum on random,
+    rank-deficient, conflicting and bounded (no full-norm step) problems, at sizes the old
+    active-set enumeration could not reach (2^24 sets at m = 24)."""
+    for seed in range(2):
+        u, C = large_frontier_problem(kind, 100 * m + seed, m)
+        eps = np.full(m, eps_value)
+        if kind == "random":
+            eps[::4] = math.inf  # some tasks unconstrained
+        W = np.concatenate([u[:, None], C], axis=1)
+        sol = g.solve_frontier_qp(torch.tensor(W.T @ W), eps.tolist())
+        assert sol.converged
+        delta = W @ sol.coefficients.numpy()
+        R = np.linalg.norm(u)
+        assert np.linalg.norm(delta) <= R * (1 + 1e-8)
+        for i in range(m):
+            n = np.linalg.norm(C[:, i])
+            if math.isfinite(eps[i]):
+                assert C[:, i] @ delta / n >= -eps[i] * R - 1e-8 * R
+        reference = reference_frontier(u, C, eps, seed)
+        assert u @ delta >= reference - 1e-6 * R * R
+        assert u @ delta <= reference + 1e-5 * R * R
+        if kind == "bounded" and eps_value == 0.1:
+            assert np.linalg.norm(delta) < 0.5 * R  # the ball is not what binds
+
+
+def test_bounded_problem_optimum_is_inside_the_ball() -> None:
+    """With ε = 0 and the constraints' normals positively spanning a subspace that holds u,
+    no step keeps every capability: the frontier step is zero."""
+    u, C = large_frontier_problem("bounded", 3, 6)
+    W = np.concatenate([u[:, None], C], axis=1)
+    sol = g.solve_frontier_qp(torch.tensor(W.T @ W), [0.0] * 6)
+    assert sol.converged
+    np.testing.assert_allclose(W @ sol.coefficients.numpy(), 0.0, atol=1e-10 * np.linalg.norm(u))
+
+
+@pytest.mark.parametrize("kind", ["random", "conflicting", "dependent"])
+def test_warm_start_gives_the_cold_solution(kind: str) -> None:
+    """Warm starting from the previous active set (or from a wrong one) changes the cost, not
+    the answer: the same step as a cold solve on a sequence of drifting problems."""
+    rng = rng_from(5)
+    u, C = large_frontier_problem(kind, 5, 16)
+    active: tuple[int, ...] | list[int] = list(range(16))  # a wrong warm start to begin with
+    for _ in range(6):
+        u = u + 0.1 * np.linalg.norm(u) * rng.normal(size=u.shape) / math.sqrt(u.size)
+        W = np.concatenate([u[:, None], C], axis=1)
+        gram = torch.tensor(W.T @ W)
+        cold = g.solve_frontier_qp(gram, [0.05] * 16)
+        warm = g.solve_frontier_qp(gram, [0.05] * 16, warm_start=active)
+        assert cold.converged and warm.converged
+        np.testing.assert_allclose(W @ warm.coefficients.numpy(), W @ cold.coefficients.numpy(), atol=1e-9 * np.linalg.norm(u))
+        assert warm.active == cold.active
+        active = warm.active
+
+
+def test_solver_falls_back_to_the_nullspace_step_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If the solver cannot settle (here: a budget of one linear solve), it does not raise: it
+    returns the null-space step at full budget, which meets every constraint, says so in
+    ``converged``, and logs one warning however often it happens."""
+    monkeypatch.setattr(g, "_fallback_warned", False)
+    u, C = large_frontier_problem("conflicting", 9, 12)
+    W = np.concatenate([u[:, None], C], axis=1)
+    gram = torch.tensor(W.T @ W)
+    with caplog.at_level("WARNING", logger="frontier_trainer.geometry"):
+        for _ in range(3):
+            sol = g.solve_frontier_qp(gram, [0.05] * 12, max_solves=1)
+            assert not sol.converged
+    warnings = [r for r in caplog.records if "did not converge" in r.getMessage()]
+    assert len(warnings) == 1
+    delta = W @ sol.coefficients.numpy()
+    null = W @ g.nullspace_coefficients(gram).numpy()
+    np.testing.assert_allclose(delta, null * np.linalg.norm(u) / np.linalg.norm(null), atol=1e-9)
+    np.testing.assert_allclose(C.T @ delta, 0.0, atol=1e-8 * np.linalg.norm(u) * np.linalg.norm(C))
+    # the default budget solves the same problem
+    assert g.solve_frontier_qp(gram, [0.05] * 12).converged
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), noise=st.sampled_from([1e-12, 1e-8, 1e-4, 1e-2]))
+def test_solver_never_raises_on_a_numerically_inconsistent_gram(seed: int, noise: float) -> None:
+    """A Gram matrix perturbed off positive semidefiniteness (rounding, a stale entry) still
+    gives finite coefficients without an exception, and a step no longer than u."""
+    u, C = large_frontier_problem("conflicting", seed, 10)
+    W = np.concatenate([u[:, None], C], axis=1)
+    G = W.T @ W
+    E = rng_from(seed).normal(size=G.shape) * noise * np.sqrt(np.outer(np.diag(G), np.diag(G)))
+    G = G + (E + E.T) / 2
+    G[np.diag_indices_from(G)] = np.abs(np.diag(G))
+    a = g.solve_frontier_step(torch.tensor(G), [0.0, 0.05] * 5)
+    assert torch.isfinite(a).all()
+    assert float(a @ torch.tensor(G) @ a) <= float(G[0, 0]) * (1 + 1e-6) + 1e-12
+
+
 @SETTINGS
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(["random", "dependent", "parallel", "zero"]))
 def test_nullspace_coefficients_are_exact(seed: int, kind: str) -> None:
