@@ -127,6 +127,11 @@ def test_lab_recipe_runs_end_to_end_at_tiny_size(
     )  # fmt: skip
     assert code == 0
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    plan = json.loads((out / "frontier_plan.json").read_text())  # provenance written before training
+    fingerprints = {source["key"]: source["fingerprint"] for source in plan["sources"]}
+    assert fingerprints["capability_datasets['copy']"].startswith("rows-sha256:")
+    assert fingerprints["model_name_or_path"].startswith("sha256:")
+    assert plan["settings"]["training"]["max_steps"] == 2 and plan["versions"]["trl"]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in history if "frontier/leak/copy" in h]
     assert len(steps) == 2
