@@ -9,17 +9,28 @@ give the basis, and ΔW is read off the weights before and after a real AdamW st
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import build_tokenizer, capability_datasets
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from frontier_trainer.activation import ActivationProjector, activation_memory, protected_modules
+from frontier_trainer.activation import (
+    DEFAULT_ENERGY,
+    ActivationProjector,
+    activation_memory,
+    protected_modules,
+)
 from frontier_trainer.directions import build_capability_sampler
-from tests.tiny import build_tokenizer, capability_datasets
 
 torch.set_num_threads(1)
 
@@ -442,3 +453,63 @@ def test_bad_input_is_refused_naming_the_field() -> None:
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to protect"):
         ActivationProjector(frozen, rank=4)
+
+
+# ---------------------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_ranks_stay_identical_and_protected(tmp_path: Path) -> None:
+    """Two gloo processes under torchrun, DDP-wrapped model, different data per rank: both ranks
+    estimate identical bases from the same capability batches, write byte-identical weights,
+    and each rank's own hooks confirm ΔW U = 0."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 1000),
+         __file__, "ddp-worker", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert len(set(ranks[0]["sha256"])) == len(ranks[0]["sha256"])  # the weights moved every step
+    for r in ranks:
+        assert max(r["ratio"]) <= 1e-6
+
+
+def _ddp_worker(out_dir: Path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = tiny_model()
+    model.train()
+    ddp = DistributedDataParallel(model)
+    projector = ActivationProjector(model, rank=4)  # on the unwrapped module
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+    recorder = Recorder(linear_modules(model))
+    hashes, ratios = [], []
+    for step in range(2):
+        batches = capability_batches(n=2)  # the same on every rank (seeded sampler)
+        projector.refresh(batches)
+        X = recorder.run(model, batches)
+        before = {n: m.weight.detach().clone() for n, m in linear_modules(model).items()}
+        mb = safety_batch(100 * rank + step)  # different data per rank: DDP all-reduces the gradients
+        ddp(**mb).loss.backward()
+        projector.before_step()
+        optimizer.step()
+        projector.after_step()
+        optimizer.zero_grad()
+        for name, m in linear_modules(model).items():
+            dW = (m.weight.detach() - before[name]).double()
+            U, _ = own_basis(X[name], DEFAULT_ENERGY, 4)
+            ratios.append(float((dW @ U).norm() / dW.norm()))
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        hashes.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"sha256": hashes, "ratio": ratios}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ddp-worker"]:
+    _ddp_worker(Path(sys.argv[2]))
