@@ -600,14 +600,15 @@ class FrontierMixin:
         """``frontier/generalisation_leak/<task>``: max |cos| of the last applied update against the
         task's fresh directions (issue 15 §1), from the projector when it offers it."""
         assert self.projector is not None
+        rank = self.args.capability_rank
         if hasattr(self.projector, "update_leak"):
-            leaks = list(self.projector.update_leak(fresh))
+            names = [f"{task}[{r}]" for task in self.capability_tasks for r in range(rank)]
+            leaks = list(self.projector.update_leak(fresh, names=names))
         else:
             snapshot = getattr(self.projector, "_snapshot", None)
             if snapshot is None:
                 return
             leaks = update_leak(self.projector.params, snapshot, fresh)
-        rank = self.args.capability_rank
         for i, task in enumerate(self.capability_tasks):
             self._record(f"frontier/generalisation_leak/{task}", max(leaks[i * rank : (i + 1) * rank]))
 
