@@ -56,9 +56,17 @@ def _grid(cells: Sequence[Cell], preset: Preset, key: str, split: str = "test") 
     return as_grid(rows, key)
 
 
-def _base_grid(bases: Mapping[int, Cell], preset: Preset, key: str, split: str = "test") -> np.ndarray:
+def _base_grid(
+    bases: Mapping[int, Cell], preset: Preset, key: str, like: np.ndarray, split: str = "test"
+) -> np.ndarray:
     rows = [[bases[p].samples[split][key]] * len(preset.train_seeds) for p in preset.pretrain_seeds]
-    return as_grid(rows, f"base {key}")
+    grid = as_grid(rows, f"base {key}")
+    if grid.shape != like.shape:
+        raise ValueError(
+            f"{key}: the base model was scored on {grid.shape[-1]} prompts, the method on {like.shape[-1]}; "
+            "score every model on the same prompts (same eval_limit)."
+        )
+    return grid
 
 
 def method_replicates(
@@ -79,14 +87,15 @@ def method_replicates(
     ):
         if key not in base0:
             continue
-        after, before = _grid(cells, preset, key), _base_grid(bases, preset, key)
+        after = _grid(cells, preset, key)
+        before = _base_grid(bases, preset, key, after)
         put(name, after, key)
         put(f"{name}_change" if name != "refusal" else "refusal_gain", after - before, key)
     tasks = capability_keys(base0)
     for key in tasks:
         put(
             f"capability_change/{key.removeprefix(CAPABILITY_PREFIX)}",
-            _grid(cells, preset, key) - _base_grid(bases, preset, key),
+            (g := _grid(cells, preset, key)) - _base_grid(bases, preset, key, g),
             key,
         )
     if tasks:

@@ -243,7 +243,10 @@ class RealSuite:
     """SmolLM2-135M-Instruct + LoRA on real data (``frontier_trainer.real``), scored by the real suite."""
 
     name = "real"
-    CAPABILITY_TASKS: ClassVar[dict[str, str]] = {"code": "humaneval", "addition": "arithmetic/2_digit_addition"}
+    CAPABILITY_TASKS: ClassVar[dict[str, str]] = {
+        "code": "humaneval",
+        "addition": "arithmetic/2_digit_addition",
+    }
     """Protected tasks handed to the trainers (as in ``benchmarks/real_model``): their directions splits."""
 
     def __init__(self, preset: Preset) -> None:
