@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny import build_model_dir, build_tokenizer, capability_datasets, preference_dataset
 from torch.nn import functional
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from benchmarks.baselines import BASELINES, build_trainer, materialise_adapter, uniform_merge
@@ -380,9 +380,32 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_uniform_merge_is_linear_interpolation_through_mergekit(tmp_path: Path) -> None:
-    base = build_model_dir(tmp_path / "base", seed=0)
-    aligned = build_model_dir(tmp_path / "aligned", seed=1)
+def tied_model_dir(path: Path, seed: int) -> Path:
+    """A tiny Llama with tied embeddings (as SmolLM2): the head is saved once, as embed_tokens."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_uniform_merge_is_linear_interpolation_through_mergekit(tmp_path: Path, tied: bool) -> None:
+    build = tied_model_dir if tied else build_model_dir
+    base = build(tmp_path / "base", seed=0)
+    aligned = build(tmp_path / "aligned", seed=1)
     t = 0.3
     out = uniform_merge(base, aligned, t, tmp_path / "merged")
     a, b = load_file(str(base / "model.safetensors")), load_file(str(aligned / "model.safetensors"))
@@ -402,7 +425,11 @@ def test_uniform_merge_is_linear_interpolation_through_mergekit(tmp_path: Path) 
     )
     assert (out / "tokenizer.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded.config.num_hidden_layers == 2
+    head = (1 - t) * a["model.embed_tokens.weight"].double() + t * b["model.embed_tokens.weight"].double()
+    if not tied:
+        head = (1 - t) * a["lm_head.weight"].double() + t * b["lm_head.weight"].double()
+    assert reloaded.config.tie_word_embeddings is tied
+    assert torch.allclose(reloaded.lm_head.weight.detach().double(), head, atol=1e-6)
 
 
 @pytest.mark.parametrize("t", [-0.1, 1.5, float("nan"), True, "0.5"])
