@@ -14,8 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.arena import pareto, presets, protocol, report, stats  # noqa: E402
-from benchmarks.arena.stats import BootstrapPlan, Interval  # noqa: E402
+from benchmarks.arena import pareto, presets, protocol, report, stats
+from benchmarks.arena.stats import BootstrapPlan, Interval
 
 # --------------------------------------------------------------------------------------
 # Nested bootstrap: known answers
@@ -208,9 +208,9 @@ def test_presets_validate_and_name_bad_input() -> None:
         presets.get_preset("lab-slow")
     with pytest.raises(ValueError, match=r"methods \['dpo-magic'\] unknown.*nullspace"):
         presets.get_preset("lab").with_overrides(methods=["vanilla", "dpo-magic"])
-    with pytest.raises(ValueError, match="learning_rates.*>= 3"):
+    with pytest.raises(ValueError, match=r"learning_rates.*>= 3"):
         replace(presets.get_preset("lab"), learning_rates=(1e-4, 1e-3)).validate()
-    with pytest.raises(ValueError, match="tolerances.*>= 2"):
+    with pytest.raises(ValueError, match=r"tolerances.*>= 2"):
         replace(presets.get_preset("lab"), tolerances=(0.03,), methods=("frontier-eps0.03",)).validate()
     with pytest.raises(ValueError, match="merge methods need 'vanilla'"):
         presets.get_preset("lab").with_overrides(methods=["hma"])
