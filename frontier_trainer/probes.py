@@ -544,6 +544,40 @@ def probe_tax_rates(
     return result
 
 
+def dataset_prompts(name: str, rows: Any, limit: int | None = None) -> list[str]:
+    """The prompt strings of a probe set: a list of strings, or a dataset with a ``prompt`` column.
+
+    Conversational prompts (lists of messages) are refused: render them first, or pass the user
+    turns as strings with ``chat_template=True``. ``limit`` keeps the first rows.
+
+    Raises:
+        ValueError: naming ``name`` when there is no ``prompt`` column, a prompt is not a string, or
+            the set is empty.
+    """
+    if isinstance(rows, Sequence) and not isinstance(rows, str):
+        values = list(rows)
+    elif hasattr(rows, "column_names"):
+        if "prompt" not in rows.column_names:
+            raise ValueError(
+                f"{name}: a probe set needs a 'prompt' column (the probe reads the last prompt token); "
+                f"got columns {list(rows.column_names)}"
+            )
+        values = list(rows["prompt"])
+    else:
+        raise ValueError(f"{name}: pass a list of prompt strings or a dataset with a 'prompt' column")
+    if limit is not None:
+        values = values[:limit]
+    if not values:
+        raise ValueError(f"{name}: no prompt; a probe needs at least 2 prompts")
+    bad = [i for i, p in enumerate(values) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(
+            f"{name}[{bad[0]}]: prompts must be strings, got {type(values[bad[0]]).__name__} "
+            "(render conversational prompts first)"
+        )
+    return values
+
+
 def tax_rate_logs(result: ProbeGeometry, prefix: str = "degradation/tau_repr") -> dict[str, float]:
     """Flat ``{"<prefix>/<task>": τ_i}`` plus ``<prefix>_layer`` for wandb / trainer logs."""
     logs = {f"{prefix}/{task}": tau for task, tau in result.tau.items()}

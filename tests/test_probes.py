@@ -19,10 +19,11 @@ D = 16
 class PlantedModel(nn.Module):
     """A stub causal LM whose hidden states are built by hand, driven through the same code path.
 
-    hidden_states[0] = token embeddings; [1] = causal running mean of the real (unmasked) token
-    embeddings, so the last prompt token holds the prompt's mean embedding; [2] = [1] @ R for a fixed
-    orthogonal R. Planting a token with embedding α·u in some prompts shifts their layer-1 state by
-    α·u / length along the known unit vector u (layer 2: along Rᵀ-rotated u, i.e. u @ R).
+    hidden_states[0] = token embeddings; [2] = m @ R, m the causal running mean of the real
+    (unmasked) token embeddings, R a fixed orthogonal matrix; [1] = m + the running mean of a second,
+    "nuisance" embedding of the filler words w0..w39. Planting a token with embedding α·u in some
+    prompts shifts their layer-1 state by α·u / length along the known unit vector u (layer 2: along
+    u @ R); layer 1 carries extra prompt-to-prompt noise, so the safety probe separates best at layer 2.
     """
 
     def __init__(self, vocab: int, seed: int = 0) -> None:
@@ -32,6 +33,11 @@ class PlantedModel(nn.Module):
         with torch.no_grad():
             self.embed.weight.copy_(torch.randn(vocab, D, generator=g))
         self.register_buffer("R", torch.linalg.qr(torch.randn(D, D, generator=g))[0])
+        nuisance = 3.0 * torch.randn(vocab, D, generator=g)
+        filler = [i for w, i in build_tokenizer().get_vocab().items() if w.startswith("w")]
+        keep = torch.zeros(vocab, 1)
+        keep[filler] = 1.0
+        self.register_buffer("nuisance", nuisance * keep)
         self.config = SimpleNamespace(num_hidden_layers=2)
         self.seen_position_ids: list[torch.Tensor] = []
 
@@ -41,9 +47,10 @@ class PlantedModel(nn.Module):
         self.seen_position_ids.append(position_ids)
         e = self.embed(input_ids)
         m = attention_mask.unsqueeze(-1).to(e.dtype)
-        h1 = (e * m).cumsum(1) / m.cumsum(1).clamp_min(1)
-        h2 = h1 @ self.R
-        return SimpleNamespace(hidden_states=(e, h1, h2))
+        count = m.cumsum(1).clamp_min(1)
+        mean = (e * m).cumsum(1) / count
+        noise = (self.nuisance[input_ids] * m).cumsum(1) / count
+        return SimpleNamespace(hidden_states=(e, mean + noise, mean @ self.R))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +181,7 @@ def test_probe_tax_rates_uses_selected_layer_everywhere(tok):
         held_out_harmful=_prompts("harm", 40, 7), held_out_harmless=_prompts("sorry", 40, 8),
     )  # fmt: skip
     assert r.separation_held_out and r.layers == [1, 2]
-    assert r.layer == probes.select_layer(r.separation)
+    assert r.separation[2] > r.separation[1] and r.layer == 2  # the noisier layer 1 separates worse
     assert r.tau == {t: r.tau_by_layer[t][r.layer] for t in tasks}
     logs = probes.tax_rate_logs(r)
     assert logs["degradation/tau_repr/aligned"] == r.tau["aligned"]
@@ -305,3 +312,17 @@ def test_benchmark_statistics_on_planted_orderings(monkeypatch):
     lo, hi = c["pooled_ci95"]
     assert lo <= c["pooled"] <= hi
     assert math.isnan(bench.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+def test_dataset_prompts():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"prompt": ["a =>", "b =>", "c =>"], "completion": [" x", " y", " z"]})
+    assert probes.dataset_prompts("caps", ds, limit=2) == ["a =>", "b =>"]
+    assert probes.dataset_prompts("caps", ["a =>"]) == ["a =>"]
+    with pytest.raises(ValueError, match="harmless: a probe set needs a 'prompt' column"):
+        probes.dataset_prompts("harmless", Dataset.from_dict({"text": ["a"]}))
+    with pytest.raises(ValueError, match=r"tasks\['t'\]\[0\]: prompts must be strings"):
+        probes.dataset_prompts(
+            "tasks['t']", Dataset.from_dict({"prompt": [[{"role": "user", "content": "a"}]]})
+        )
