@@ -15,6 +15,12 @@ block linear), and each activation_rank r:
 * NSPO dense: Σ d_in² fp32 over the same modules.
 
     python -m benchmarks.activation_memory [--ranks 16 64 256] [--directions 2] [--json out.json]
+    python -m benchmarks.activation_memory --time smollm2-135m --ranks 16 64   # CPU timings
+
+``--time MODEL`` also builds that model with random fp32 weights on the CPU and measures, per
+rank, one refresh on two random 2 × 192 capability batches (the smollm2 recipe's capability batch
+shape) and one projected step (before_step + after_step around a random update of every weight,
+lr 1e-4 scale), with the realised ‖ΔW U‖ / ‖ΔW‖ (max over modules) read back from the weights.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from frontier_trainer.activation import activation_memory
+from frontier_trainer.activation import ActivationProjector, activation_memory
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +78,47 @@ def measure(name: str, ranks: list[int], directions: int, lora_r: int) -> list[d
     return rows
 
 
+@torch.no_grad()
+def time_projection(name: str, ranks: list[int], seed: int = 0) -> list[dict]:
+    """Wall-clock seconds of a refresh and of one projected step on CPU, random weights."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch.float32)
+    vocab = model.config.vocab_size
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(3, vocab, (2, 192))
+        mask = torch.ones_like(ids)
+        mask[1, 150:] = 0  # right padding on one row
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    rows = []
+    for rank in ranks:
+        projector = ActivationProjector(model, rank=rank, energy=0.99)
+        start = time.perf_counter()
+        projector.refresh(batches)
+        refresh_s = time.perf_counter() - start
+        weights = [e.params[0] for e in projector.entries if e.kind == "linear"]
+        old = [w.detach().clone() for w in weights]
+        start = time.perf_counter()
+        projector.before_step()
+        before_s = time.perf_counter() - start
+        for w in weights:  # stands in for optimizer.step()
+            w.add_(torch.randn_like(w), alpha=1e-4)
+        start = time.perf_counter()
+        projector.after_step()
+        step_s = before_s + time.perf_counter() - start
+        ratio = 0.0
+        for entry, w0 in zip([e for e in projector.entries if e.kind == "linear"], old, strict=True):
+            dW = (entry.params[0].detach() - w0).double()
+            U = projector.bases[entry.group].double()
+            ratio = max(ratio, float((dW @ U).norm() / dW.norm()))
+            entry.params[0].copy_(w0)
+        ranks_kept = sorted(set(projector.ranks().values()))
+        rows.append({"model": name, "rank": rank, "refresh_s": refresh_s, "step_s": step_s, "ratio": ratio,
+                     "passes": projector.refresh_passes, "ranks_kept": [ranks_kept[0], ranks_kept[-1]]})
+        logger.warning("%s r=%d: refresh %.1fs, step %.1fs, ratio %.2e", name, rank, refresh_s, step_s, ratio)
+    return rows
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:9.3f}"
 
@@ -82,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directions", type=int, default=2, help="k capability directions in gradient mode")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--time", choices=list(MODELS), default=None, help="also time refresh and step on CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rows = [row for name in args.models for row in measure(name, args.ranks, args.directions, args.lora_r)]
@@ -96,9 +145,16 @@ def main(argv: list[str] | None = None) -> None:
             f"{gib(row['activation_refresh'])} {gib(row['activation_refresh_one_pass'])} | "
             f"{gib(row['gradient'])} {gib(row['nspo_dense'])} {gib(row['trainable'])}"
         )
+    timings = time_projection(args.time, args.ranks) if args.time else []
+    for row in timings:
+        lines.append(
+            f"time {row['model']} r={row['rank']}: refresh {row['refresh_s']:.1f} s ({row['passes']} pass), "
+            f"projected step {row['step_s']:.2f} s (before+after), kept r in {row['ranks_kept']}, "
+            f"max ‖ΔW U‖/‖ΔW‖ = {row['ratio']:.2e}"
+        )
     print("\n".join(lines))  # the CLI's final table
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"memory": rows, "timings": timings}, indent=2))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ cheap:
   W_old + ΔW (I − U Uᵀ) exactly in real arithmetic. Everything is computed in float64 and
   rounded once into the fp32 (or fp64) master weight.
 
+Precision floor (measured, not hidden): the written weight is the fp32 rounding of the exact
+W_old + ΔW(I − UUᵀ), so the realised update carries a rounding error E with |E_ij| ≤ 2⁻²⁴|W_ij|
+and ‖ΔW U‖_F ≤ 2⁻²⁴ ‖W_new‖_F (+ float64 residue). Relative to the *output* W x this is ~6e-8;
+relative to the *update* it is 2⁻²⁴‖W‖/‖ΔW‖ (typically times √(r/d_in)), so ‖ΔW U‖ ≤ 1e-6 ‖ΔW‖ holds
+while steps are ≳ 1e-2·√(r/d_in) of the weights (lr 1e-2 on the tiny test models: ~4e-8), and
+not for tiny steps in fp32 (random 1e-4 steps on SmolLM2-shaped weights: 1.8e-6), a floor of
+fp32 storage that no projection of fp32 weights can go below. fp64 master weights remove it
+(~1e-15).
+
 What is held: Σ_groups r·d_in basis values (float64 by default) plus Σ_modules r·d_out step
 images while a step is in flight. Modules that read the *same* input tensor (q/k/v; gate/up in
 Llama) share one basis, found at the first refresh by tensor identity.

@@ -211,6 +211,33 @@ def test_update_annihilates_the_tests_own_input_subspace(dtype, bound, variant) 
     recorder.close()
 
 
+def test_tiny_fp32_steps_meet_the_documented_rounding_floor() -> None:
+    """At lr 1e-6 the fp32 write's rounding dominates: the realised ‖ΔW U‖_F stays within the
+    documented floor 2⁻²⁴ ‖W_new‖_F (plus float64 residue), and far below the raw step's."""
+    model = tiny_model()
+    model.train()
+    projector = ActivationProjector(model, rank=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batches = capability_batches(n=2)
+    projector.refresh(batches)
+    recorder = Recorder(linear_modules(model))
+    X = recorder.run(model, batches)
+    recorder.close()
+    before = {n: m.weight.detach().clone() for n, m in linear_modules(model).items()}
+    twin = copy.deepcopy(model)  # the same step without the projection, for the raw ‖ΔW U‖
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-6)
+    twin(**safety_batch(0)).loss.backward()
+    twin_opt.step()
+    train_step(model, optimizer, projector, [safety_batch(0)])
+    for name, m in linear_modules(model).items():
+        W_new = m.weight.detach().double()
+        dW = W_new - before[name].double()
+        raw = twin.get_submodule(name).weight.detach().double() - before[name].double()
+        U, _ = own_basis(X[name], DEFAULT_ENERGY, 4)
+        assert (dW @ U).norm() <= 2.0**-24 * W_new.norm() + 1e-12 * dW.norm(), name
+        assert (dW @ U).norm() <= 1e-2 * (raw @ U).norm(), name
+
+
 def test_energy_one_keeps_the_whole_model_output_on_capability_rows() -> None:
     """Energy 1 with every input direction kept and the norm weights frozen: each protected
     module's output on the recorded capability inputs is unchanged (the first layer's to ~1e-6
