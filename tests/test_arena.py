@@ -326,6 +326,9 @@ def test_protocol_selects_on_validation_and_resumes_without_rerunning(tmp_path: 
     with pytest.raises(KeyboardInterrupt):  # interrupted after 5 trained cells
         _fake_arena(tmp_path, fail_after=5).run()
     assert _FakeTrainer.calls == 5
+    partial = protocol.Arena(_fake_arena(tmp_path).preset, _FakeSuite(), tmp_path, read_only=True).run()
+    assert partial["cells"] == {} and set(partial["unfinished"]) == {"vanilla", "nullspace"}
+    assert _FakeTrainer.calls == 5  # read-only ran nothing
     arena = _fake_arena(tmp_path)
     raw = arena.run()
     # 2 methods x 2 pretraining seeds x (3 rates + 2 more seeds) = 20 trained cells, 5 read back
@@ -335,6 +338,8 @@ def test_protocol_selects_on_validation_and_resumes_without_rerunning(tmp_path: 
         (p, s, 3e-4) for p in (0, 1) for s in (0, 1, 2)
     ]
     assert raw["cells"]["vanilla"][0].step_seconds and len(raw["cells"]["vanilla"][0].step_seconds) == 3
+    done = protocol.Arena(arena.preset, _FakeSuite(), tmp_path, read_only=True).run()
+    assert set(done["cells"]) == {"vanilla", "nullspace"} and done["unfinished"] == {}
     again = _fake_arena(tmp_path)
     again.run()
     assert again.runs == 0 and _FakeTrainer.calls == 20  # everything read back

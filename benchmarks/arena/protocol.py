@@ -383,6 +383,10 @@ def _seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
+class MissingCellError(LookupError):
+    """A cell a read-only arena needs is not finished."""
+
+
 class Arena:
     """Runs a preset's protocol over a suite, cell by cell, reading finished cells back.
 
@@ -394,6 +398,8 @@ class Arena:
             default :func:`build_method_trainer`.
         merger: merges (method, base_dir, aligned_dir, t, out_dir, suite) -> merged model directory;
             default :func:`merge_models`.
+        read_only: run nothing; :meth:`run` returns the methods whose cells are all finished (a
+            partial report of an interrupted or still-running preset).
     """
 
     def __init__(
@@ -403,8 +409,10 @@ class Arena:
         out: Path,
         trainer_factory: TrainerFactory | None = None,
         merger: Callable[..., Path] | None = None,
+        read_only: bool = False,
     ) -> None:
         self.preset = preset
+        self.read_only = read_only
         self.suite = suite
         self.out = Path(out)
         self.store = CellStore(self.out)
@@ -418,8 +426,14 @@ class Arena:
     # -- cells ---------------------------------------------------------------------------
 
     def _cached(self, method: str, setting: float, p: int, s: int) -> Cell | None:
-        """A finished cell, unless another scorer produced it (then it is re-run, for consistency)."""
+        """A finished cell, unless another scorer produced it (then it is re-run, for consistency).
+
+        Raises:
+            MissingCellError: in read-only mode, when the cell is not finished.
+        """
         cell = self.store.get(method, setting, p, s)
+        if self.read_only and cell is None:
+            raise MissingCellError(f"{method}/{setting:g}/p{p}_s{s}")
         if cell is not None and cell.extra.get("evaluator", "") != self.evaluator:
             logger.warning(
                 "Cell %s/%g/p%d_s%d was scored by %r, not %r: re-running it.",
@@ -566,13 +580,23 @@ class Arena:
                         bar.update(1)
             cells[method] = runs
 
+        missing: dict[str, str] = {}
         for method in trained:
-            do(method, preset.learning_rates, lambda lr, p, s, m=method: self.train_cell(m, lr, p, s))
+            try:
+                do(method, preset.learning_rates, lambda lr, p, s, m=method: self.train_cell(m, lr, p, s))
+            except MissingCellError as err:
+                missing[method] = str(err)
         for method in merges:
+            if "vanilla" not in chosen:
+                missing[method] = "vanilla unfinished"
+                continue
             vlr = chosen["vanilla"]
-            do(method, preset.merge_ts, lambda t, p, s, m=method, v=vlr: self.merge_cell(m, t, p, s, v))
+            try:
+                do(method, preset.merge_ts, lambda t, p, s, m=method, v=vlr: self.merge_cell(m, t, p, s, v))
+            except MissingCellError as err:
+                missing[method] = str(err)
         bar.close()
-        return {"bases": bases, "cells": cells, "chosen": chosen, "sweeps": sweeps}
+        return {"bases": bases, "cells": cells, "chosen": chosen, "sweeps": sweeps, "unfinished": missing}
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -59,6 +60,7 @@ def run(
     methods: Sequence[str] | None = None,
     suite: Any = None,
     command: str | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a preset and write its files; returns the summary."""
     import torch
@@ -68,9 +70,12 @@ def run(
     preset = get_preset(preset_name).with_overrides(seeds=seeds, methods=methods)
     started = time.perf_counter()
     suite = suite or make_suite(preset)
-    arena = Arena(preset, suite, out)
+    arena = Arena(preset, suite, out, read_only=report_only)
     agreement: dict[str, Any] = {}
-    if hasattr(suite, "agreement") and getattr(suite, "scorer", "") == "fast":
+    previous = out / "provenance.json"
+    if report_only and previous.is_file():  # keep the agreement measured by the run that scored the cells
+        agreement = json.loads(previous.read_text()).get("scorer_agreement_on_base_models", {})
+    elif hasattr(suite, "agreement") and getattr(suite, "scorer", "") == "fast":
         for p in (
             preset.pretrain_seeds
         ):  # the fast scorer against evaluate_model, prompt by prompt, per base model
@@ -80,6 +85,7 @@ def run(
     raw = arena.run()
     summary = summarise_results(raw, preset)
     summary["cells_run_here"] = arena.runs
+    summary["unfinished"] = raw.get("unfinished", {})
     prov = provenance(
         preset,
         suite.describe(),
@@ -101,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--methods", nargs="+", default=None, help="subset of methods (default: the preset's)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the methods whose cells are all finished (partial results)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()
@@ -109,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     get_preset(args.preset).with_overrides(seeds=args.seeds, methods=args.methods)  # bad input fails here
     torch.set_num_threads(args.threads)
     with contextlib.suppress(KeyboardInterrupt):
-        summary = run(args.preset, args.out, args.seeds, args.methods)
+        summary = run(args.preset, args.out, args.seeds, args.methods, report_only=args.report_only)
         _print_table(summary)
         return summary
     logger.warning(
