@@ -373,6 +373,13 @@ def test_nspo_lora_reprojects_lora_a_exactly(model_dir: Path, tmp_path: Path) ->
         assert relative_residual(delta, K[name]) <= 1e-6, name
 
 
+def test_nspo_lora_refuses_nonzero_initial_adapter(model_dir: Path, tmp_path: Path) -> None:
+    kwargs = common(model_dir, tmp_path, max_steps=1)
+    kwargs["peft_config"] = LoraConfig(r=2, target_modules=list(MLP_SUFFIXES), init_lora_weights=False)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        NSPODPOTrainer(**kwargs, n_reference=1)
+
+
 # ---------------------------------------------------------------------------------------------- merges
 
 

@@ -137,6 +137,13 @@ class NSPODPOTrainer(DPOTrainer):
                     raise ValueError(
                         f"nspo: {name} uses DoRA, whose magnitude vector makes the re-projection inexact; use plain LoRA."
                     )
+                if any(bool(module.lora_B[a].weight.any()) for a in module.lora_B):
+                    # A ← AP is the re-projection only if W_ref = W₀, i.e. BA = 0 when training starts
+                    raise ValueError(
+                        f"nspo: {name} starts with a non-zero LoRA product BA (init_lora_weights other than "
+                        "the default, or a trained adapter), so W_ref ≠ W₀ and A ← AP would not be the "
+                        "re-projection. Use LoraConfig(init_lora_weights=True)."
+                    )
                 params = [module.lora_A[a].weight for a in module.lora_A]
             elif isinstance(module, nn.Linear):
                 params = [module.weight]
