@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from frontier_trainer import geometry
+from frontier_trainer import geometry, projection
 from frontier_trainer.projection import UpdateProjector
 
 logger = logging.getLogger("solver_benchmark")
@@ -100,15 +100,19 @@ def smollm2_shapes(layers: int = 30) -> list[tuple[int, ...]]:
 
 @torch.no_grad()
 def fp32_gram_row(params: list[torch.Tensor], snapshot: list[torch.Tensor], dirs: list[list[torch.Tensor]]) -> torch.Tensor:
-    """The float32 accumulation the projector used before issue 12 (the baseline): ‖u‖² from
-    ``torch._foreach_norm`` and ⟨u, c⟩ from float32 products summed in float32, one bucket."""
-    us = torch._foreach_sub(params, snapshot)
-    values = list(torch._foreach_norm(us))
-    for d in dirs:
-        values += [prod.sum() for prod in torch._foreach_mul(us, d)]
-    table = torch.stack(values).double().view(1 + len(dirs), len(params))
-    table[0].square_()
-    return table.sum(dim=1)
+    """The float32 accumulation the projector used before issue 12 (the baseline), bucketed as
+    it was (:func:`frontier_trainer.projection._buckets`, 2**26 elements): ‖u‖² from
+    ``torch._foreach_norm`` and ⟨u, c⟩ from float32 products summed in float32."""
+    total = torch.zeros(1 + len(dirs), dtype=torch.float64)
+    for idx in projection._buckets(params):
+        us = torch._foreach_sub([params[k] for k in idx], [snapshot[k] for k in idx])
+        values = list(torch._foreach_norm(us))
+        for d in dirs:
+            values += [prod.sum() for prod in torch._foreach_mul(us, [d[k] for k in idx])]
+        table = torch.stack(values).double().view(1 + len(dirs), len(idx))
+        table[0].square_()
+        total += table.sum(dim=1)
+    return total
 
 
 def time_gram(directions: int, repeats: int, layers: int) -> dict[str, float]:

@@ -277,7 +277,9 @@ def test_float64_accumulation_keeps_16m_element_parameter_exact() -> None:
     assert out["raw_cos"] > 1e-2  # the projection had something to remove
     assert out["gram_err"] <= 1e-9
     assert out["norm_err"] <= 1e-9
-    assert out["leak"] <= 1e-7
+    assert out["leak"] <= 1e-7  # the promise (issue 12 §3)
+    # measured ~2e-10; a float32-formed correction (coefficients' low bits lost) gave 3.6e-8
+    assert out["leak"] <= 1e-8
 
 
 def small_params(seed: int = 3) -> tuple[list[torch.nn.Parameter], torch.Generator]:
