@@ -34,6 +34,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until")
+MC_METRICS = ("acc", "acc_norm")
 _TASK_PREFIX = "frontier_"
 _FILTER = "extract"
 
@@ -53,6 +54,9 @@ class LmEvalTask:
         ignore_case, ignore_punctuation, regexes_to_ignore: ``exact_match`` options (the default
             ``regexes_to_ignore`` strips leading and trailing whitespace from response and answer).
         target_delimiter: text between the query and a choice (multiple choice) or the answer.
+        metric: ``"acc"`` (default) or ``"acc_norm"`` (log-likelihood per byte of the choice, lm-eval's
+            length-normalised accuracy, the usual one for HellaSwag) for multiple choice;
+            ``"exact_match"`` (the only one) for generation. Empty means the default.
         source: where the documents come from (package, file, split), for the report's provenance.
     """
 
@@ -66,6 +70,7 @@ class LmEvalTask:
     ignore_punctuation: bool = False
     regexes_to_ignore: tuple[str, ...] = (r"^\s+", r"\s+$")
     target_delimiter: str = " "
+    metric: str = ""
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +80,11 @@ class LmEvalTask:
         if self.output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"task {self.name!r}: output_type={self.output_type!r} is not one of {OUTPUT_TYPES}."
+            )
+        allowed = MC_METRICS if self.output_type == "multiple_choice" else ("exact_match",)
+        if self.metric and self.metric not in allowed:
+            raise ValueError(
+                f"task {self.name!r}: metric={self.metric!r} is not one of {allowed} for {self.output_type}."
             )
         if not self.docs:
             raise ValueError(f"task {self.name!r}: docs is empty; a task needs at least one document.")
@@ -102,6 +112,11 @@ class LmEvalTask:
                     )
             elif not isinstance(doc.get("answer"), str) or not doc["answer"].strip():
                 raise ValueError(f"task {self.name!r}: docs[{i}] needs a non-empty string field 'answer'.")
+
+    @property
+    def score(self) -> str:
+        """The lm-eval metric read per document."""
+        return self.metric or ("acc" if self.output_type == "multiple_choice" else "exact_match")
 
     @property
     def lm_eval_name(self) -> str:
@@ -132,7 +147,7 @@ class LmEvalTask:
         if self.output_type == "multiple_choice":
             cfg["doc_to_choice"] = "{{choices}}"
             cfg["doc_to_target"] = "{{gold}}"
-            cfg["metric_list"] = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+            cfg["metric_list"] = [{"metric": self.score, "aggregation": "mean", "higher_is_better": True}]
         else:
             cfg["doc_to_target"] = "{{answer}}"
             cfg["generation_kwargs"] = {
@@ -232,7 +247,7 @@ def run_tasks(
     out: dict[str, list[float]] = {}
     for task in tasks:
         samples = result["samples"][task.lm_eval_name]
-        metric = "acc" if task.output_type == "multiple_choice" else "exact_match"
+        metric = task.score
         if task.output_type == "generate_until":
             samples = [s for s in samples if s.get("filter") == _FILTER]
         samples = sorted(samples, key=lambda s: s["doc_id"])
