@@ -20,8 +20,9 @@ Registered here:
 * ``"nullspace"``: δ = P_{C⊥}u (Thm 4.3 with δ_C = 0, unscaled), a = (1, −(G_CC)⁺G_Cu) with
   the generalised inverse cached by the projector per refresh.
 * ``"frontier"``: δ maximises ⟨u, δ⟩ with ‖δ‖ ≤ ‖u‖ and ⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖ (Thm 4.1/4.3 made
-  operational), :func:`frontier_trainer.geometry.solve_frontier_step`, warm-started from the
-  previous step's active set.
+  operational), :func:`frontier_trainer.geometry.solve_frontier_qp`, warm-started from the
+  previous step's active set (``context.state["active"]``); the number of steps that fell back
+  to the null-space step is kept in ``context.state["fallbacks"]``.
 
 This module imports only :mod:`frontier_trainer.geometry`; it never imports the projector.
 """
@@ -141,4 +142,6 @@ def frontier_rule(gram: torch.Tensor, context: RuleContext) -> torch.Tensor:
     assert context.tolerances is not None
     solution = geometry.solve_frontier_qp(gram, context.tolerances, warm_start=context.state.get("active"))
     context.state["active"] = solution.active
+    if not solution.converged:  # the null-space fallback was used (geometry logs it once)
+        context.state["fallbacks"] = context.state.get("fallbacks", 0) + 1
     return solution.coefficients
