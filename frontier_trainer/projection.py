@@ -53,8 +53,9 @@ BUCKET_NUMEL = 2**26
 #: buffers, 1 MiB per row pair): small enough to stay in cache, large enough that Python
 #: overhead stays below the memory traffic (measured in benchmarks/solver_benchmark.py).
 CHUNK_NUMEL = 2**16
-#: The same on accelerators (each op is a kernel launch, so fewer, larger chunks).
-ACCELERATOR_CHUNK_NUMEL = 2**20
+#: The same on accelerators (each op is a kernel launch, so fewer, larger chunks): 2 MiB per
+#: float64 row, 2 × (1 + m) rows. Not yet measured on a GPU.
+ACCELERATOR_CHUNK_NUMEL = 2**18
 
 
 @dataclass
@@ -448,9 +449,17 @@ class UpdateProjector:
         return out
 
     def extra_memory_bytes(self) -> int:
-        """Bytes held by the projector: the snapshot plus the directions."""
+        """Bytes held by the projector: the snapshot plus the directions.
+
+        Not counted: the float64 scratch of the Gram computation and the write, 2 × (1 + m)
+        rows of :data:`CHUNK_NUMEL` elements (1 MiB per direction on the CPU), see
+        :meth:`scratch_bytes`."""
         per = sum(p.numel() * p.element_size() for p in self.params)
         return per * (self.num_directions + (1 if self._snapshot is not None else 0))
+
+    def scratch_bytes(self) -> int:
+        """Bytes of float64 chunk buffers currently allocated (bounded, independent of model size)."""
+        return sum(t.numel() * t.element_size() for pair in self._buffers.values() for t in pair)
 
     # ------------------------------------------------------------------ state
 

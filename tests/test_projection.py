@@ -377,3 +377,20 @@ def test_update_leak_against_hand_computation() -> None:
     projector.after_step()
     with pytest.raises(ValueError, match="fresh 'code' 0 contains NaN"):
         projector.update_leak(bad, names=["fresh 'code' 0"])
+
+
+def test_float64_scratch_is_bounded_by_the_chunk_not_the_model() -> None:
+    """The float64 buffers behind the Gram row are 2 × (1 + m) chunk rows whatever the model's
+    size; extra_memory_bytes stays the (k+1)× floor."""
+    from frontier_trainer import projection
+
+    for shape in [(3, 4), (700, 300)]:
+        params = [torch.nn.Parameter(torch.randn(shape))]
+        projector = UpdateProjector(params)
+        projector.set_directions([[torch.randn(shape)] for _ in range(2)])
+        projector.before_step()
+        with torch.no_grad():
+            params[0].add_(0.1)
+        projector.after_step(measure=True)
+        assert projector.scratch_bytes() == 2 * 3 * projection.CHUNK_NUMEL * 8
+        assert projector.extra_memory_bytes() == 3 * params[0].numel() * 4
