@@ -25,8 +25,10 @@ trainer: all three resolve through :func:`scheme_for`.
 
 Errors are :class:`InputError` (a ``ValueError``) naming the key and the fix, raised before training.
 
-Dependencies point one way: this module imports only ``datasets`` at the top; the lab and the real
-assets are imported inside the schemes that need them, and nothing here imports a command module.
+Dependencies point one way: at the top this module imports only ``datasets`` and the name table of
+:mod:`frontier_trainer.real.sources` (``REAL_PREFIX``; that module imports nothing of this
+package above ``real``); the lab and the real loaders are imported inside the schemes that need them,
+and nothing here imports a command module.
 """
 
 from __future__ import annotations
@@ -42,14 +44,14 @@ from typing import Any
 
 import datasets
 
+from frontier_trainer.real.sources import REAL_PREFIX
+
 logger = logging.getLogger(__name__)
 
 LAB = "lab"
 """The value of ``model_name_or_path`` / ``dataset_name`` that selects the built-in lab."""
 LAB_PREFIX = "lab:"
 """Prefix of a capability source naming a lab task, e.g. ``lab:arithmetic``."""
-REAL_PREFIX = "real:"
-"""Prefix of a real-model asset, e.g. ``real:smollm2-135m-instruct``."""
 SOURCE_KEYS = ("path", "name", "split", "prompt", "completion", "text", "separator")
 """Keys of a capability source given as a mapping."""
 
