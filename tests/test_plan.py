@@ -384,6 +384,66 @@ def test_plan_matches_what_a_run_holds(model_dir: Path, cap_files: dict[str, str
         assert plan.memory.checkpoint_bytes <= size <= plan.memory.checkpoint_bytes + 64 * 1024, size
 
 
+def _held_tensor_bytes(obj: Any, params: set[int]) -> int:
+    """Bytes of the tensors an object holds in its attributes, lists, tuples and dicts (not parameters,
+    not through other objects), counting each storage once: what a callback keeps alive."""
+    seen: set[int] = set()
+    total = 0
+    stack = [vars(obj)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if id(item) not in params and item.untyped_storage().data_ptr() not in seen:
+                seen.add(item.untyped_storage().data_ptr())
+                total += item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def test_tracker_holds_what_the_plan_says(model_dir: Path, cap_files: dict[str, str], tmp_path: Path) -> None:
+    """Between measurements the degradation tracker holds (m+1) T: its snapshot and m gradients."""
+    from transformers import TrainerCallback
+
+    from frontier_trainer.tracking import DegradationCallback
+    from frontier_trainer.trainer import FrontierDPOTrainer
+
+    train = dict(
+        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+        capability_refresh_steps=1, capability_batch_size=4, degradation_tracking=True,
+        degradation_eval_steps=1, activation_checkpointing=False, capability_eval_datasets=cap_files,
+    )  # fmt: skip
+    plan = _plan(tmp_path, str(model_dir), cap_files, offline=False, **train)
+    held: list[int] = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = kwargs["model"]
+            params = {id(p) for p in model.parameters()}
+            (tracker,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, DegradationCallback)]
+            held.append(_held_tensor_bytes(tracker, params))
+
+    trainer = FrontierDPOTrainer(
+        model=str(model_dir),
+        args=FrontierDPOConfig(
+            output_dir=str(tmp_path / "out"),
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            capability_datasets=cap_files,
+            **train,
+        ),
+        train_dataset=preference_dataset(),
+        processing_class=build_tokenizer(),
+        callbacks=[Probe()],
+    )
+    trainer.train()
+    assert plan.memory.tracker_bytes == 3 * plan.memory.trainable_bytes
+    assert held == [plan.memory.tracker_bytes] * 2
+
+
 # --------------------------------------------------------------------------------------
 # Provenance
 # --------------------------------------------------------------------------------------
