@@ -2,13 +2,21 @@
 
 :class:`DegradationCallback` turns the paper's Prediction 1 into a measurement every run makes:
 
-1. **Step 0 (before any update).** The safety direction v is the DPO update direction −∇L_DPO,
-   averaged over ``safety_batches`` seeded batches of the training set (computed with the
-   trainer's own ``compute_loss``, so any ``loss_type`` works). The capability directions c_i
-   are gradients of f_i (mean completion log-likelihood, larger is better) on the
-   *direction-estimation* sets. From their Gram matrix: τ_i = cos²(v, c_i) (Cor 4.5, eq. 6),
-   the principal angle, the §9.3 regime and the first-order rate ⟨∇f_i, v̂⟩ (the change of f_i
-   per unit step along the safety direction; Δ_Ci ∝ −τ_i in Prediction 1).
+1. **The safety direction v and the geometry.** Where v comes from (``safety_direction``):
+   ``"loss"`` — the update direction −∇L of the trainer's own ``compute_loss``, averaged over
+   ``safety_batches`` seeded batches of the training set at θ_0 (any DPO ``loss_type``; needs a
+   static preference dataset); ``"updates"`` — the sum of the optimizer's raw updates
+   u = θ_new − θ_old over the first ``safety_batches`` steps (a trainer wearing ``FrontierMixin``
+   hands over u before its projection, for free; on any other trainer it is θ_t − θ_0), which
+   works for every trainer, GRPO/RLOO and other online ones included; or a user callable
+   ``fn(model, params)`` giving v at θ_0. ``"auto"`` is ``"loss"`` for a ``trl.DPOTrainer`` and
+   ``"updates"`` otherwise. The capability directions c_i are gradients of f_i (mean completion
+   log-likelihood, larger is better) on the *direction-estimation* sets at θ_0. From their Gram
+   matrix: τ_i = cos²(v, c_i) (Cor 4.5, eq. 6), the principal angle, the §9.3 regime and the
+   first-order rate ⟨∇f_i, v̂⟩ (the change of f_i per unit step along the safety direction;
+   Δ_Ci ∝ −τ_i in Prediction 1). With ``"updates"`` the geometry is logged at step
+   ``safety_batches``; until then the c_i and the step-0 gradients are held (m + 1 extra
+   parameter-sized tensors, plus the running sum of u).
 2. **During training: the predicted change** Σ_t ⟨∇f_i(θ_t), Δθ_t⟩ over the updates actually
    applied. Between two evaluation points t_k < t_{k+1} the gradient is held at θ_{t_k}, and
    then Σ_{t=t_k}^{t_{k+1}−1} ⟨g_i, Δθ_t⟩ = ⟨g_i, θ_{t_{k+1}} − θ_{t_k}⟩ telescopes: one
@@ -32,6 +40,12 @@ written to ``<output_dir>/degradation/`` as JSON and CSV with a PNG scatter plot
 Distributed: every rank does the same deterministic work (same seeded batches, no dropout,
 RNG state restored), so the collectives inside ``compute_loss`` match and training RNG streams
 are unchanged; only the main process logs and writes.
+
+Resume: :meth:`DegradationCallback.state_dict` holds the whole measurement (θ snapshot,
+gradients, predictions, observations, sampler positions, fingerprints of the data);
+``FrontierMixin`` saves it in each checkpoint and restores it, so a resumed run continues the
+measurement from θ_0 instead of restarting it at the checkpoint. This module is library code:
+it never imports the ``geometry_report`` command (which may build on the Gram helpers here).
 """
 
 from __future__ import annotations

@@ -493,3 +493,66 @@ def test_wandb_missing_or_failing_warns_and_never_raises(
     with caplog.at_level(logging.WARNING, logger="frontier_trainer.tracking"):
         cb._emit(args, state, {"train/global_step": 3})  # must not raise
     assert "network down" in caplog.text
+
+
+# --------------------------------------------------------------------------------------
+# trainer-agnostic safety directions
+# --------------------------------------------------------------------------------------
+
+
+def test_callable_safety_direction_gives_the_geometry_at_step_zero(model_dir: Path, tmp_path: Path) -> None:
+    """A user callable supplies v at θ_0; τ_i is then cos²(v, c_i) with c_i recomputed here."""
+    seen: list[int] = []
+
+    def v_fn(model: torch.nn.Module, params: Any) -> list[torch.Tensor]:
+        seen.append(len(params))
+        gen = torch.Generator().manual_seed(3)
+        return [torch.randn(p.shape, generator=gen) for p in params]
+
+    args = dpo_args(tmp_path, max_steps=1)
+    trainer, cb = trainer_with_callback(
+        model_dir, tmp_path, args, safety_direction=v_fn, capability_batches=1, batch_size=32
+    )
+    assert cb.safety_mode == "callable"
+    trainer.train()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert seen == [len(params)]
+    v = torch.cat([t.reshape(-1) for t in v_fn(model, params)]).double()
+    for row in cb.geometry["tasks"]:
+        rows = capability_datasets()[row["task"]]
+        c = independent_grad(model, params, rows)
+        expected = float(c @ v) ** 2 / float(c.norm() ** 2 * v.norm() ** 2)
+        assert row["tau"] == pytest.approx(expected, rel=1e-3, abs=1e-12)
+    with pytest.raises(ValueError, match="safety_direction"):
+        DegradationCallback(capability_datasets(), safety_direction="gradient")
+
+
+def independent_grad(model: torch.nn.Module, params: list[torch.nn.Parameter], rows: Dataset) -> torch.Tensor:
+    """∇ of the token-pooled completion log-likelihood, row by row (shares no code with the library)."""
+    tok = build_tokenizer()
+    count = sum(
+        len(tok(r["prompt"] + r["completion"])["input_ids"]) - len(tok(r["prompt"])["input_ids"]) for r in rows
+    )
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for row in rows:
+        n = len(tok(row["prompt"])["input_ids"])
+        ids = tok(row["prompt"] + row["completion"])["input_ids"]
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        score = sum(logp[pos - 1, ids[pos]] for pos in range(n, len(ids))) / count
+        for acc, g in zip(total, torch.autograd.grad(score, params), strict=True):
+            acc.add_(g.double())
+    return torch.cat([t.reshape(-1) for t in total])
+
+
+def test_tracking_imports_no_command_module() -> None:
+    """The library tracker must not depend on the geometry_report command (issue 12 §1)."""
+    import subprocess
+
+    code = (
+        "import sys, frontier_trainer.tracking, frontier_trainer.mixin, frontier_trainer.trainers; "
+        "bad = [m for m in ('frontier_trainer.geometry_report', 'frontier_trainer.cli', 'frontier_trainer.demo') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
