@@ -353,6 +353,61 @@ def test_fp16_without_cuda_is_refused(model_dir: Path, tmp_path: Path) -> None:
         build("dpo", model_dir, tmp_path, fp16=True)
 
 
+class InfAt(TrainerCallback):
+    """Puts an inf into one gradient right before the optimizer step ``at`` (after clipping, which
+    is off): the AMP scaler must skip that step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step == self.at:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+class HeldLeak(TrainerCallback):
+    """|cos(held direction, θ_after − θ_before)| in float64 per step, read outside the projector."""
+
+    trainer: Any = None
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._model = model
+        self._before = flat([p for p in model.parameters() if p.requires_grad])
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        delta = flat([p for p in self._model.parameters() if p.requires_grad]) - self._before
+        held = [flat(d) for d in self.trainer.projector.directions]
+        norm = float(delta.norm())
+        leak = [abs(float(c @ delta)) / (float(c.norm()) * norm) if norm > 0 else 0.0 for c in held]
+        self.steps.append({"moved": norm > 0, "leak": leak})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with loss scaling needs CUDA")
+def test_fp16_on_cuda_skipped_steps_leave_no_trace(model_dir: Path, tmp_path: Path) -> None:
+    """fp16 autocast over fp32 weights: an overflowing step is skipped by the scaler, so the
+    projection's hooks never fire (θ unchanged, nothing recorded); every other step is exact."""
+    probe = HeldLeak()
+    values = common(tmp_path, max_steps=4, fp16=True, use_cpu=False, max_grad_norm=0.0)
+    trainer = trainers.FrontierDPOTrainer(
+        model=str(model_dir),
+        args=cfg.FrontierDPOConfig(**values),
+        train_dataset=preference_dataset(),
+        processing_class=build_tokenizer(),
+        capability_datasets=caps(),
+        callbacks=[InfAt(1), probe],
+    )
+    probe.trainer = trainer
+    trainer.train()
+    assert [s["moved"] for s in probe.steps] == [True, False, True, True]
+    assert len(logged(trainer, "frontier/projection_seconds")) == 3  # no projection at the skipped step
+    for s in probe.steps:
+        if s["moved"]:
+            assert max(s["leak"]) <= BOUND, s
+
+
 def test_nan_direction_names_the_task(model_dir: Path, tmp_path: Path) -> None:
     def broken(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return completion_metric(model, batch) * float("nan")

@@ -76,7 +76,8 @@ def capability_datasets(n: int = 20) -> dict[str, Dataset]:
 
 
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
+    """One float64 CPU vector of ``tensors``."""
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors]).double()
 
 
 def independent_gradient(
@@ -85,7 +86,7 @@ def independent_gradient(
     """∇ of the pooled mean completion log-likelihood over ``rows``, one unpadded row at a time,
     flattened in float64. Shares no code with frontier_trainer (tokeniser calls and autograd only)."""
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    count = 0
+    count = 0  # scored tokens over all rows
     for row in rows:
         n_prompt = len(tok(row["prompt"])["input_ids"])
         count += len(tok(row["prompt"] + row["completion"])["input_ids"]) - n_prompt
@@ -96,7 +97,8 @@ def independent_gradient(
             prompt_ids = tok(row["prompt"])["input_ids"]
             ids = tok(row["prompt"] + row["completion"])["input_ids"]
             with torch.enable_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+                device = next(model.parameters()).device
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 score = sum(logp[pos - 1, ids[pos]] for pos in range(len(prompt_ids), len(ids)))
                 grads = torch.autograd.grad(score / count, list(params), allow_unused=True)
@@ -105,7 +107,7 @@ def independent_gradient(
                     acc.add_(g.double())
     finally:
         model.train(was_training)
-    return torch.cat([t.reshape(-1) for t in total])
+    return torch.cat([t.reshape(-1) for t in total]).cpu()
 
 
 class LeakProbe(TrainerCallback):
