@@ -70,21 +70,22 @@ real update, so the projection cannot be exact."""
 
 
 def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> None:
-    """Refuse settings under which the projection cannot be exact, before the trainer is built.
+    """Refuse, before any model is built, a setup under which the projection cannot be exact.
 
     ``args`` carries the frontier fields (``projection``, ``capability_tolerance``) and the
     ``transformers.TrainingArguments`` ones; ``sources`` is ``{task: source}``; ``metrics`` the
-    optional ``{task: metric}``.
+    optional ``{task: metric}``. Every message names the field and the fix. This is the one copy
+    of the construction checks: the trainers' mixin and :meth:`FrontierPlan.build` both call it.
 
     Raises:
         ValueError: projection without capability data, bad task names, tolerances or metrics for
-            unknown tasks, DeepSpeed, FSDP, an optimizer that steps inside backward, or reentrant
-            gradient checkpointing (which breaks ``torch.autograd.grad``).
+            unknown tasks, DeepSpeed, FSDP, an optimizer that steps inside backward, reentrant
+            gradient checkpointing (which breaks ``torch.autograd.grad``), or fp16 without CUDA.
     """
     if args.projection != "none" and not sources:
         raise ValueError(
             f"projection={args.projection!r} needs capability data: pass capability_datasets={{task: dataset}} "
-            "to FrontierDPOTrainer or set FrontierDPOConfig.capability_datasets (or use projection='none')."
+            "to the trainer or set the config's capability_datasets (or use projection='none')."
         )
     for task in sources:
         if not isinstance(task, str) or not task:
@@ -102,18 +103,18 @@ def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str,
         )
     if args.projection == "none":
         return
-    fix = "Run without it, or set projection='none' for plain DPO."
-    if args.deepspeed:
+    fix = "Run without it, or set projection='none' for the plain trainer."
+    if getattr(args, "deepspeed", None):
         raise ValueError(
-            "FrontierDPOTrainer does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer inside "
-            f"accelerator.backward, where no optimizer hook sees the update, so the projection could not be exact. {fix}"
+            "the frontier projection does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer "
+            f"inside accelerator.backward, where no optimizer hook sees the update, so it could not be exact. {fix}"
         )
-    if args.fsdp:
+    if getattr(args, "fsdp", None):
         raise ValueError(
-            "FrontierDPOTrainer does not support FSDP yet: parameters are sharded and no sharded projection "
+            "the frontier projection does not support FSDP yet: parameters are sharded and no sharded projection "
             f"path is implemented and tested. Use DDP (torchrun / accelerate launch --multi_gpu). {fix}"
         )
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", "")))
     if any(marker in optim for marker in UNSUPPORTED_OPTIM_MARKERS):
         raise ValueError(
             f"optim={optim!r} updates parameters inside backward (or swaps them around evaluation), so the "
@@ -133,12 +134,24 @@ def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str,
             "gradient_checkpointing_kwargs={'use_reentrant': True} breaks torch.autograd.grad, which the "
             "capability directions need. Use {'use_reentrant': False} (the transformers default)."
         )
+    if getattr(args, "fp16", False) and (getattr(args, "use_cpu", False) or not torch.cuda.is_available()):
+        raise ValueError(
+            "fp16=True with the frontier projection needs CUDA: fp16 autocast with loss scaling is only "
+            "supported (and tested) on a GPU. On the CPU use bf16=True (autocast over fp32 weights) or "
+            "fp16=False."
+        )
 
 
 def check_model(
-    model: torch.nn.Module, *, deepspeed_enabled: bool = False, fsdp_enabled: bool = False
+    model: torch.nn.Module,
+    *,
+    deepspeed_enabled: bool = False,
+    fsdp_enabled: bool = False,
+    owner: str = "FrontierDPOTrainer",
 ) -> None:
     """Refuse a built model the projection cannot move exactly (the checks after ``Trainer.__init__``).
+
+    ``owner`` (the trainer's class name) starts the engine message.
 
     Raises:
         ValueError: DeepSpeed/FSDP enabled through the accelerate config, or trainable parameters in
@@ -146,7 +159,7 @@ def check_model(
     """
     if deepspeed_enabled or fsdp_enabled:
         raise ValueError(
-            "FrontierDPOTrainer: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
+            f"{owner}: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
             "supports single-process and DDP training only. Use projection='none' or plain DDP."
         )
     low = sorted(
@@ -159,7 +172,7 @@ def check_model(
     if low:
         raise ValueError(
             f"trainable parameters are {low}: pure low-precision weights round θ_old + δ and break the "
-            "projection's exactness. Load the model with dtype=torch.float32 and train with bf16=True/fp16=True "
+            "projection's exactness. Load the model with dtype=torch.float32 and train with bf16=True "
             "(autocast over fp32 master weights)."
         )
 
