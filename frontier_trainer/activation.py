@@ -663,6 +663,76 @@ class ActivationProjector:
             raise ValueError("the optimizer's update is not finite (NaN or inf) on a protected module")
         return report
 
+    @torch.no_grad()
+    def project_directions(
+        self, params: Sequence[nn.Parameter], directions: Sequence[Sequence[torch.Tensor]]
+    ) -> list[list[torch.Tensor]]:
+        """Gradient-space directions restricted to the updates this projector allows, for
+        ``capability_space="both"``.
+
+        Each direction is a list of tensors shaped like ``params`` (UpdateProjector's layout).
+        Tensors of protected weights get c ← c (I − U Uᵀ) (LoRA: A by U, B by Q from the current
+        A; embedding: protected rows zeroed); frozen unprotected parameters (``unprotected="freeze"``)
+        get 0; everything else is returned as it is (no copy).
+
+        Why: run this projector's ``after_step`` first (u → u', an allowed update), then the
+        gradient projector with these directions c'. Its δ = a_0 u' + Σ a_i c'_i is allowed (the
+        allowed updates form a linear space), so ΔW U = 0 still holds, and ⟨δ, c_i⟩ = ⟨δ, c'_i⟩
+        because c_i − c'_i lies in the blocked part (c U Uᵀ, protected rows) that δ has none of:
+        the null-space guarantee holds for the original directions too, exactly.
+        For LoRA, Q is taken from the A at call time; between refreshes ΔA U = 0 keeps A U (and
+        so Q) fixed up to fp32 rounding.
+        """
+        if not self.ready:
+            raise RuntimeError("project_directions needs bases: call refresh first")
+        role: dict[int, tuple[_Entry, int]] = {}
+        for entry in self.entries:
+            for k, p in enumerate(entry.params):
+                role.setdefault(id(p), (entry, k))
+        frozen = {id(p) for p in self.unprotected_params.values()} if self.unprotected == "freeze" else set()
+        lora_q: dict[str, torch.Tensor] = {}
+        out: list[list[torch.Tensor]] = []
+        for direction in directions:
+            if len(direction) != len(params):
+                raise ValueError(f"a direction has {len(direction)} tensors for {len(params)} parameters")
+            projected = []
+            for p, c in zip(params, direction, strict=True):
+                if id(p) in frozen:
+                    projected.append(torch.zeros_like(c))
+                    continue
+                found = role.get(id(p))
+                if found is None:
+                    projected.append(c)
+                    continue
+                entry, k = found
+                c64 = c.detach().double()
+                if entry.kind == "embedding":
+                    c64 = c64.clone()
+                    if self.tokens is not None:
+                        c64[self.tokens.to(c64.device)] = 0
+                    # a tied head's projection also applies to this tensor (same parameter)
+                    for other in self.entries:
+                        if other.kind == "linear" and other.params[0] is p:
+                            U = self.bases[other.group].double().to(c64.device)
+                            c64 = c64 - (c64 @ U) @ U.T
+                elif entry.kind == "linear" or k == 0:
+                    U = self.bases[entry.group].double().to(c64.device)
+                    c64 = c64 - (c64 @ U) @ U.T
+                    if entry.kind == "linear":
+                        for other in self.entries:
+                            if other.kind == "embedding" and other.params[0] is p and self.tokens is not None:
+                                c64[self.tokens.to(c64.device)] = 0
+                else:  # LoRA B: the rows' span Q of A U
+                    if entry.name not in lora_q:
+                        A = entry.params[0].detach().double()
+                        U = self.bases[entry.group].double()
+                        lora_q[entry.name] = torch.linalg.svd(A @ U, full_matrices=False).U
+                    Q = lora_q[entry.name].to(c64.device)
+                    c64 = c64 - (c64 @ Q) @ Q.T
+                projected.append(c64.to(c.dtype))
+            out.append(projected)
+        return out
+
     # ------------------------------------------------------------------ memory and state
 
     def basis_bytes(self) -> int:

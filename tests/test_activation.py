@@ -31,6 +31,7 @@ from frontier_trainer.activation import (
     protected_modules,
 )
 from frontier_trainer.directions import build_capability_sampler
+from frontier_trainer.projection import UpdateProjector
 
 torch.set_num_threads(1)
 
@@ -481,6 +482,62 @@ def test_bad_input_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match="nothing to protect"):
         ActivationProjector(frozen, rank=4)
 
+
+# ---------------------------------------------------------------------------------- both spaces
+
+
+@pytest.mark.parametrize("kind", ["full", "tied", "lora"])
+def test_both_spaces_compose_exactly_with_the_gradient_projector(kind: str) -> None:
+    """capability_space='both': the activation projector's after_step, then UpdateProjector's
+    null space over project_directions(c): ΔW U = 0 (the test's own U; LoRA: the adapter's
+    output on span U unchanged), the embedding rows hold, and cos(δ, c_i) ≈ 0 for the
+    *original* directions c_i."""
+    model = {"full": tiny_model, "tied": lambda: tiny_model(tie=True), "lora": lambda: lora_model(r=8)}[kind]()
+    model.train()
+    rank = 3 if kind == "lora" else 4
+    activation = ActivationProjector(model, rank=rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gradient = UpdateProjector(params, mode="nullspace")
+    batches = capability_batches(n=2)
+    activation.refresh(batches)
+    hooked = linear_modules(model) if kind != "lora" else {n: m.base_layer for n, m in lora_layers(model).items()}
+    recorder = Recorder(hooked)
+    X = recorder.run(model, batches)
+    recorder.close()
+    g = torch.Generator().manual_seed(3)
+    directions = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(2)]
+    gradient.set_directions(activation.project_directions(params, directions))
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    before = [p.detach().clone() for p in params]
+    model(**safety_batch(0)).loss.backward()
+    activation.before_step()
+    gradient.before_step()
+    optimizer.step()
+    activation.after_step()
+    gradient.after_step()
+    delta = [(p.detach() - b).double() for p, b in zip(params, before, strict=True)]
+    norm = sum(float(d.square().sum()) for d in delta) ** 0.5
+    assert norm > 0
+    for c in directions:
+        dot = sum(float((d * ci.double()).sum()) for d, ci in zip(delta, c, strict=True))
+        c_norm = sum(float(ci.double().square().sum()) for ci in c) ** 0.5
+        assert abs(dot) <= 1e-6 * norm * c_norm
+    index = {id(p): k for k, p in enumerate(params)}
+    if kind != "lora":
+        for name, m in linear_modules(model).items():
+            dW = delta[index[id(m.weight)]]
+            U, _ = own_basis(X[name], DEFAULT_ENERGY, rank)
+            assert (dW @ U).norm() <= 1e-6 * dW.norm(), name
+        emb = delta[index[id(model.get_input_embeddings().weight)]]
+        assert float(emb[activation.tokens].abs().max()) == 0.0
+        return
+    for name, m in lora_layers(model).items():
+        A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
+        A0, B0 = before[index[id(A)]].double(), before[index[id(B)]].double()
+        change = B.detach().double() @ A.detach().double() - B0 @ A0
+        U, _ = own_basis(X[name], DEFAULT_ENERGY, rank)
+        assert change.norm() > 0
+        assert (change @ U).norm() <= 1e-6 * change.norm(), name
 
 # ---------------------------------------------------------------------------------- DDP
 
