@@ -2,13 +2,17 @@
 
 1. The theory on planted directions with known ground truth (tax rates, the frontier, the
    m'/d scaling law), a few seconds.
-2. The lab model (built once, then cached): per-task accuracy, compliance with harmful
-   requests, over-refusal.
-3. Its pre-training geometry report: τ_i of the DPO safety direction against each task's
-   capability direction, and the harmlessness/helpfulness conflict (Thm 6.4).
-4. Vanilla, null-space and frontier DPO (one point of the frontier, ``--tolerance``) from the
-   same start with the same seed and steps, each tracked by the degradation callback
-   (predicted versus observed per-task degradation) and logged to an offline wandb run.
+2. The lab models of several pretraining seeds (``--pretrain-seeds``, each built once, then
+   cached): per-task accuracy, compliance with harmful requests, over-refusal.
+3. The first model's pre-training geometry report: τ_i of the DPO safety direction against each
+   task's capability direction, and the harmlessness/helpfulness conflict (Thm 6.4).
+4. Vanilla, null-space and frontier DPO (one point of the frontier, ``--tolerance``), each run
+   from every pretraining seed's model with every training seed (``--seeds``), same data and
+   steps; headline numbers are means over the runs with 95% bootstrap intervals over runs (lab
+   models differ between machines, field notes §9, so one model's numbers do not transfer).
+   The first pair is tracked by the degradation callback (predicted versus observed per-task
+   degradation); every run logs to an offline wandb run and to ``train_log.jsonl``, not the
+   terminal.
 5. HMA versus uniform averaging (§7.3): the smallest setting of ``benchmarks/hma_benchmark.py``
    (a 4-block lab model in the same world, aligned by vanilla DPO), merged per block at the
    budgets of uniform averaging at t = 0.25, 0.5, 0.75, every point evaluated for real.
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from frontier_trainer import geometry
 from frontier_trainer.hma.pareto import hypervolume, pareto
@@ -48,6 +54,12 @@ DEFAULT_TOLERANCE = 0.03
 On the lab ε ≤ 0.02 behaves like the null space and ε = 0.1 like vanilla DPO
 (``benchmarks/README.md`` §1); at the demo's settings (seed 0, 16 capability rows per
 direction) ε = 0.03 lands in between: both entangled tasks partly lost, not destroyed."""
+
+DEFAULT_SEEDS = (0, 1)
+"""Training seeds of every DPO method (each run once per pretraining seed)."""
+DEFAULT_PRETRAIN_SEEDS = (0, 1, 2)
+"""Lab model pretraining seeds: lab models differ across machines (field notes §9), so the demo's
+numbers come from several, with intervals, rather than from one model."""
 
 HMA_SETTING: dict[str, Any] = {
     "hidden_size": 64,
@@ -261,6 +273,61 @@ def method_row(
     return row
 
 
+INTERVAL_KEYS = ("refusal", "refusal_gain", "mean_capability_change", "over_refusal_change")
+"""Row fields that get a ``<key>_ci`` interval when rows are aggregated over seeds."""
+
+
+def _interval(values: Sequence[float], seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of per-run values ([v, v] for one run)."""
+    from frontier_trainer.evaluation import bootstrap_interval
+
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    if not finite:
+        return [math.nan, math.nan]
+    if len(finite) == 1:
+        return [finite[0], finite[0]]
+    low, high = bootstrap_interval(finite, seed=seed)
+    return [low, high]
+
+
+def _mean_dicts(dicts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Key-wise mean of the float fields shared by every dict."""
+    keys = [k for k, v in dicts[0].items() if isinstance(v, float) and all(k in d for d in dicts)]
+    return {k: sum(float(d[k]) for d in dicts) / len(dicts) for k in keys}
+
+
+def aggregate_rows(method: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary row from per-run :func:`method_row` rows (one per seed pair): means and intervals.
+
+    Each of :data:`INTERVAL_KEYS` gets its mean and ``<key>_ci`` = [low, high], the 95% percentile
+    bootstrap of the mean over runs (runs resampled as units). Per-task changes are means; the
+    worst task is the one with the most negative mean change (its ``worst_task_change_ci`` too).
+    ``per_run`` keeps every run's seeds and headline numbers, so no seed is hidden.
+    """
+    if not rows:
+        raise ValueError(f"aggregate_rows({method!r}): no runs to aggregate; run at least one seed.")
+    out: dict[str, Any] = {"method": method, "runs": len(rows)}
+    for key in INTERVAL_KEYS:
+        values = [float(r[key]) for r in rows]
+        out[key] = sum(values) / len(values)
+        out[f"{key}_ci"] = _interval(values)
+    out["mean_accuracy"] = sum(float(r["mean_accuracy"]) for r in rows) / len(rows)
+    tasks = list(rows[0]["task_changes"])
+    out["task_changes"] = {t: sum(r["task_changes"][t] for r in rows) / len(rows) for t in tasks}
+    worst = min(tasks, key=lambda t: out["task_changes"][t]) if tasks else ""
+    out["worst_task"] = worst
+    out["worst_task_change"] = out["task_changes"].get(worst, math.nan)
+    out["worst_task_change_ci"] = (
+        _interval([r["task_changes"][worst] for r in rows]) if worst else [math.nan] * 2
+    )
+    out["seconds"] = sum(float(r.get("seconds", 0.0)) for r in rows) / len(rows)
+    out["per_run"] = [
+        {k: r.get(k) for k in ("pretrain_seed", "train_seed", *INTERVAL_KEYS, "worst_task_change")}
+        for r in rows
+    ]
+    return out
+
+
 def capability_at_refusal(points: Sequence[tuple[float, float]], level: float) -> float:
     """Best mean accuracy reachable at refusal ≥ ``level`` on the front (linear interpolation)."""
     front = pareto(points)
@@ -280,12 +347,21 @@ def _fmt(x: Any, spec: str = "+.2f") -> str:
     return format(x, spec)
 
 
+def _fmt_ci(row: Mapping[str, Any], key: str, spec: str = "+.2f") -> str:
+    """``+0.30`` or, for an aggregated row, ``+0.30 [+0.10, +0.50]``."""
+    text = _fmt(row[key], spec)
+    ci = row.get(f"{key}_ci")
+    if ci and text != "n/a":
+        text += f" [{_fmt(ci[0], spec)}, {_fmt(ci[1], spec)}]"
+    return text
+
+
 def _worst(row: Mapping[str, Any]) -> str:
-    """``-1.00 (chemistry)``; ``+0.00 (none lost)`` when no task lost accuracy."""
+    """``-1.00 (chemistry)``; ``+0.00 (none lost)`` when no task lost accuracy (interval if aggregated)."""
     if not row.get("worst_task"):
         return "n/a"
     change = row["worst_task_change"]
-    return f"{_fmt(change)} ({row['worst_task'] if change < 0 else 'none lost'})"
+    return f"{_fmt_ci(row, 'worst_task_change')} ({row['worst_task'] if change < 0 else 'none lost'})"
 
 
 SUMMARY_COLUMNS = (
@@ -304,12 +380,12 @@ def summary_table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     for r in list(summary.get("methods", [])) + list((summary.get("hma") or {}).get("rows", [])):
         rows.append(
             [
-                r["method"],
-                _fmt(r["refusal"], ".2f"),
-                _fmt(r["refusal_gain"]),
-                _fmt(r["mean_capability_change"]),
+                r["method"] + (f" ({r['runs']} runs)" if "runs" in r else ""),
+                _fmt_ci(r, "refusal", ".2f"),
+                _fmt_ci(r, "refusal_gain"),
+                _fmt_ci(r, "mean_capability_change"),
                 _worst(r),
-                _fmt(r["over_refusal_change"]),
+                _fmt_ci(r, "over_refusal_change"),
             ]
         )
     return rows
@@ -570,6 +646,40 @@ def _quiet_training_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _QuietProgress(ProgressCallback):
+    """transformers' progress bar without the per-step log dict it writes under the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every log dict the trainer emits to a JSONL file (one object per line, with the step)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+
+
+def quiet_step_logs(trainer: Any, path: Path) -> None:
+    """Route a trainer's per-step log dicts to ``path`` (and its report_to loggers), off the terminal.
+
+    Replaces the progress callback by one that keeps the bar but writes no dicts, drops the printer
+    callback (used when progress bars are disabled) and adds :class:`JsonlLogCallback`.
+    """
+    had_bar = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(_QuietProgress())
+    trainer.add_callback(JsonlLogCallback(path))
+
+
 def train_dpo(
     name: str,
     projection: str,
@@ -579,10 +689,17 @@ def train_dpo(
     steps: int,
     seed: int,
     tolerance: float | None = None,
+    *,
+    track: bool = True,
+    eval_examples: int | None = None,
 ) -> dict[str, Any]:
-    """One DPO run on the lab (all six tasks protected for nullspace/frontier), tracked and evaluated.
+    """One DPO run on the lab (all six tasks protected for nullspace/frontier), evaluated.
 
-    Returns ``{"eval": lab evaluation after training, "degradation": tracker summary, "seconds"}``.
+    ``track`` adds the degradation callback (predicted versus observed per-task degradation). The
+    trainer's per-step log dicts go to wandb and to ``<run dir>/train_log.jsonl``, not the terminal
+    (the progress bar stays). Capability directions use the library's default refresh interval and
+    batch size. Returns ``{"eval": lab evaluation after training, "degradation": tracker summary,
+    "seconds"}``.
     """
     from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer, lab
 
@@ -609,9 +726,8 @@ def train_dpo(
         logging_steps=max(1, steps // 6),
         save_strategy="no",
         seed=seed,
-        capability_batch_size=16,
-        capability_refresh_steps=1,
-        capability_eval_datasets=lab.capability_datasets("eval", n=100),
+        degradation_tracking=track,
+        capability_eval_datasets=lab.capability_datasets("eval", n=100) if track else None,
         degradation_eval_steps=max(1, steps // 3),
         disable_tqdm=False,
     )
@@ -621,14 +737,15 @@ def train_dpo(
         train_dataset=lab.preference_dataset("train"),
         processing_class=tokenizer,
         capability_datasets=lab.capability_datasets("train", n=256),
-        degradation_metrics={"lab": lab_accuracy},
+        degradation_metrics={"lab": lab_accuracy} if track else None,
     )
+    quiet_step_logs(trainer, run_dir / "train_log.jsonl")
     trainer.train()
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
-    after = lab.evaluate(trainer.model, tokenizer, progress=False)
+    after = lab.evaluate(trainer.model, tokenizer, max_examples=eval_examples, progress=False)
     tracked = trainer.degradation_callback.summary if trainer.degradation_callback else {}
     png = run_dir / "degradation" / "degradation.png"
     if png.exists():
@@ -811,26 +928,41 @@ def log_summary_to_wandb(summary: Mapping[str, Any], plots: Sequence[Path], grou
 def _lab_story(
     out: Path,
     steps: int,
-    seed: int,
+    seeds: Sequence[int],
     timer: SectionTimer,
     tolerance: float = DEFAULT_TOLERANCE,
     with_hma: bool = True,
+    pretrain_seeds: Sequence[int] = DEFAULT_PRETRAIN_SEEDS,
+    eval_examples: int | None = None,
+    lab_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Steps 2-6 of the module docstring; returns the summary written to ``summary.json``."""
+    """Steps 2-6 of the module docstring over a grid of seeds; returns the summary (``summary.json``).
+
+    Every method is trained once per (pretraining seed, training seed) pair, from the lab model of
+    that pretraining seed, and scored against that model. A method's headline numbers are the mean
+    over the pairs with a 95% percentile-bootstrap interval over the pairs (each pair one unit, so
+    the spread between machines' lab models and between training seeds sits inside the interval).
+    The predicted-versus-observed degradation report is tracked on the first pair only.
+    """
     from frontier_trainer import lab
     from frontier_trainer.geometry_report import format_report
     from frontier_trainer.geometry_report import geometry_report as lab_geometry_report
     from frontier_trainer.lab.cli import format_table
 
     _quiet_training_logs()
-    with timer.section("lab model: build or load, evaluate"):
-        model_dir = lab.pretrain()
-        model, tokenizer = lab.load(model_dir)
-        base = lab.evaluate(model, tokenizer, progress=False)
-        logger.info(
-            "Lab model %s before alignment (held-out prompts):\n%s", model_dir.name, format_table(base)
-        )
-        (out / "lab_eval_base.json").write_text(json.dumps(base, indent=2))
+    pretrain_kwargs: dict[str, Any] = {} if lab_steps is None else {"steps": lab_steps}
+    bases: dict[int, dict[str, Any]] = {}
+    model_dirs: dict[int, Path] = {}
+    with timer.section(f"lab models (pretraining seeds {list(pretrain_seeds)}): build or load, evaluate"):
+        for p in pretrain_seeds:
+            model_dirs[p] = lab.pretrain(seed=p, **pretrain_kwargs)
+            model, tokenizer = lab.load(model_dirs[p])
+            bases[p] = lab.evaluate(model, tokenizer, max_examples=eval_examples, progress=False)
+            (out / f"lab_eval_base_p{p}.json").write_text(json.dumps(bases[p], indent=2))
+        first = pretrain_seeds[0]
+        model, tokenizer = lab.load(model_dirs[first])
+        logger.info("Lab model %s (pretraining seed %d) before alignment (held-out prompts):\n%s",
+                    model_dirs[first].name, first, format_table(bases[first]))  # fmt: skip
 
     with timer.section("pre-training geometry report"):
         report = lab_geometry_report(
@@ -840,7 +972,7 @@ def _lab_story(
             lab.capability_datasets("train", n=256),
             second_preference_dataset=lab.helpfulness_dataset("train"),
             batch_size=16,
-            seed=seed,
+            seed=seeds[0],
             progress=False,
         )
         logger.info("%s", format_report(report))
@@ -851,53 +983,53 @@ def _lab_story(
         ("nullspace", "null-space DPO", "nullspace", None),
         (f"frontier eps={tolerance:g}", f"frontier DPO (eps={tolerance:g})", "frontier", tolerance),
     ]
-    labels = {name: label for name, label, _, _ in methods}
-    runs: dict[str, Any] = {}
+    pairs = [(p, s) for p in pretrain_seeds for s in seeds]
+    per_run: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in methods}
+    degradation: dict[str, Any] = {}
     with wandb_environment(out) as group:
-        for name, _, projection, tol in methods:
-            with timer.section(f"DPO: {name} ({steps} steps)"):
-                runs[name] = train_dpo(name, projection, model_dir, tokenizer, out, steps, seed, tol)
-                logger.info(
-                    "%s DPO: lab evaluation after alignment:\n%s", name, format_table(runs[name]["eval"])
-                )
+        for i, (p, s) in enumerate(pairs):
+            with timer.section(f"DPO, pretraining seed {p}, training seed {s} ({steps} steps x 3 methods)"):
+                for name, label, projection, tol in methods:
+                    r = train_dpo(name, projection, model_dirs[p], tokenizer, out / f"p{p}_s{s}", steps, s, tol,
+                                  track=i == 0, eval_examples=eval_examples)  # fmt: skip
+                    row = method_row(
+                        label, bases[p], r["eval"], pretrain_seed=p, train_seed=s, seconds=r["seconds"]
+                    )
+                    per_run[name].append(row)
+                    if i == 0:
+                        degradation[name] = {
+                            k: r["degradation"].get(k) for k in ("rows", "rank_correlations")
+                        }
+                    logger.info("%-22s p=%d s=%d: refusal gain %+.2f, mean capability change %+.2f, over-refusal "
+                                "change %+.2f (%.0f s)", label, p, s, row["refusal_gain"],
+                                row["mean_capability_change"], row["over_refusal_change"], r["seconds"])  # fmt: skip
 
         hma = None
         if with_hma:
             with timer.section("HMA vs uniform averaging"):
-                hma = hma_versus_uniform(out, seed)
+                hma = hma_versus_uniform(out, seeds[0])
 
         with timer.section("summary, plots, wandb"):
-            eval_examples = lab.WorldConfig().n_eval
+            labels = {name: label for name, label, _, _ in methods}
             summary: dict[str, Any] = {
                 "setup": {
-                    "model": model_dir.name,
-                    "model_dir": str(model_dir),
+                    "model": ", ".join(d.name for d in model_dirs.values()),
+                    "model_dirs": {str(p): str(d) for p, d in model_dirs.items()},
                     "steps": steps,
-                    "seed": seed,
+                    "seed": list(seeds),
+                    "pretrain_seeds": list(pretrain_seeds),
+                    "runs_per_method": len(pairs),
                     "frontier_tolerance": tolerance,
                     "torch_threads": torch.get_num_threads(),
-                    "eval_examples": eval_examples,
+                    "eval_examples": eval_examples or lab.WorldConfig().n_eval,
                     "hma_eval_examples": HMA_SETTING["eval_examples"] if with_hma else None,
+                    "interval": "95% percentile bootstrap over the (pretraining seed, training seed) runs",
                 },
-                "base": base,
-                "methods": [
-                    method_row(
-                        labels[name],
-                        base,
-                        r["eval"],
-                        spearman_predicted_vs_observed=(r["degradation"].get("rank_correlations") or {}).get(
-                            "spearman_predicted_vs_observed"
-                        ),
-                        seconds=r["seconds"],
-                    )
-                    for name, r in runs.items()
-                ],
+                "base": _mean_dicts(list(bases.values())),
+                "bases": {str(p): b for p, b in bases.items()},
+                "methods": [aggregate_rows(labels[name], per_run[name]) for name in per_run],
                 "hma": hma,
-                "degradation": {
-                    name: {k: r["degradation"].get(k) for k in ("rows", "rank_correlations")}
-                    for name, r in runs.items()
-                },
-                "evaluations": {name: r["eval"] for name, r in runs.items()},
+                "degradation": degradation,
                 "geometry": report,
             }
             plots = [
@@ -909,8 +1041,8 @@ def _lab_story(
             summary["plots"] = [p.name for p in plots]
             summary["wandb_run"] = log_summary_to_wandb(summary, plots, group)
             logger.info(
-                "wandb (%s): the three DPO runs and the summary run are in group %s under %s; "
-                "`wandb sync <run dir>` uploads an offline run.",
+                "wandb (%s): the DPO runs and the summary run are in group %s under %s; "
+                "`wandb sync <run dir>` uploads an offline run. Per-step training logs: <run dir>/train_log.jsonl.",
                 os.environ.get("WANDB_MODE", "online"),
                 group,
                 out / "wandb",
@@ -920,12 +1052,45 @@ def _lab_story(
     return summary
 
 
+def _int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (argparse type; names the bad value)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integer seeds, e.g. 0,1,2"
+        ) from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct seeds, e.g. 0,1,2")
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary (planted-only: the planted report)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/demo", help="where reports, plots and wandb runs go")
     parser.add_argument("--steps", type=int, default=60, help="DPO steps per run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=list(DEFAULT_SEEDS),
+        help="training seeds, comma-separated (default 0,1)",
+    )
+    parser.add_argument(
+        "--pretrain-seeds",
+        type=_int_list,
+        default=list(DEFAULT_PRETRAIN_SEEDS),
+        help="lab model pretraining seeds, comma-separated (default 0,1,2; each model is built once, then cached)",
+    )
+    parser.add_argument(
+        "--eval-examples", type=int, default=None, help="held-out prompts per set (default 100)"
+    )
+    parser.add_argument(
+        "--lab-steps",
+        type=int,
+        default=None,
+        help="lab pretraining steps (default 2000; fewer for a quick look)",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -984,12 +1149,21 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"planted": report}
     if not args.planted_only:
         summary = _lab_story(
-            out, args.steps, args.seed, timer, tolerance=args.tolerance, with_hma=not args.no_hma
+            out,
+            args.steps,
+            args.seeds,
+            timer,
+            tolerance=args.tolerance,
+            with_hma=not args.no_hma,
+            pretrain_seeds=args.pretrain_seeds,
+            eval_examples=args.eval_examples,
+            lab_steps=args.lab_steps,
         )
         total = round(time.perf_counter() - started, 1)
         summary["timings_s"]["total"] = total
         write_summary(out, summary)
-        logger.info("\n=== Summary (held-out prompts; changes against the base model) ===\n%s",
+        logger.info("\n=== Summary (held-out prompts; changes against each run's base model; mean [95%% interval] "
+                    "over the seed pairs) ===\n%s",
                     format_summary_text(summary))  # fmt: skip
         logger.info(
             "Wall time per section (s): %s",

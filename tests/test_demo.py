@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from frontier_trainer import demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TASKS = ("arithmetic", "chemistry", "persuasion")
 
@@ -175,10 +178,90 @@ def test_intra_op_threads_default_one_and_restored(monkeypatch: pytest.MonkeyPat
         assert torch.get_num_threads() == before  # the user's setting wins
 
 
+def test_aggregate_rows_means_intervals_and_every_run_kept() -> None:
+    runs = [
+        demo.method_row("v", BASE, VANILLA, pretrain_seed=0, train_seed=0),
+        demo.method_row("v", BASE, NULLSPACE, pretrain_seed=1, train_seed=0),
+    ]
+    row = demo.aggregate_rows("vanilla DPO", runs)
+    assert row["runs"] == 2 and row["refusal_gain"] == pytest.approx((0.3 + 0.85) / 2)
+    low, high = row["refusal_gain_ci"]
+    assert 0.3 <= low < row["refusal_gain"] < high <= 0.85  # bootstrap of two runs spans them
+    assert row["worst_task"] == "chemistry" and row["worst_task_change"] == pytest.approx(-0.5)
+    assert [r["pretrain_seed"] for r in row["per_run"]] == [0, 1]
+    one = demo.aggregate_rows("x", runs[:1])
+    assert one["refusal_gain_ci"] == [pytest.approx(0.3), pytest.approx(0.3)]
+    with pytest.raises(ValueError, match="no runs to aggregate"):
+        demo.aggregate_rows("x", [])
+    table = demo.summary_table_rows({"methods": [row]})
+    assert table[0][0] == "vanilla DPO (2 runs)"
+    assert table[0][2] == f"+0.57 [{low:+.2f}, {high:+.2f}]" and table[0][4].endswith("(chemistry)")
+
+
+def test_seed_lists_are_parsed_and_bad_ones_named() -> None:
+    assert demo._int_list("0,1,2") == [0, 1, 2]
+    import argparse
+
+    for bad in ("0,x", "1,1", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="seeds"):
+            demo._int_list(bad)
+
+
+def test_step_log_dicts_go_to_a_file_not_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trainer's per-step dicts land in train_log.jsonl; the progress bar stays; nothing printed."""
+    import tiny
+    from transformers.trainer_callback import ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    model_dir = tiny.build_model_dir(tmp_path / "m")
+    args = DPOConfig(output_dir=str(tmp_path / "o"), max_steps=3, per_device_train_batch_size=4, logging_steps=1,
+                     report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=False)  # fmt: skip
+    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=tiny.preference_dataset(),
+                         processing_class=tiny.build_tokenizer())  # fmt: skip
+    demo.quiet_step_logs(trainer, tmp_path / "log" / "train_log.jsonl")
+    assert any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)  # bar kept
+    capsys.readouterr()
+    trainer.train()
+    captured = capsys.readouterr()
+    assert (
+        "'loss'" not in captured.out + captured.err and "'learning_rate'" not in captured.out + captured.err
+    )
+    lines = [json.loads(x) for x in (tmp_path / "log" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
+
+
+def test_demo_over_seeds_at_tiny_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's seed grid end to end at tiny sizes (a 20-step lab model, 2 DPO steps, 8 prompts)."""
+    monkeypatch.setenv("FRONTIER_TRAINER_CACHE", str(tmp_path / "cache"))
+    summary = demo.main(["--output-dir", str(tmp_path / "out"), "--steps", "2", "--seeds", "0,1",
+                         "--pretrain-seeds", "0", "--lab-steps", "20", "--eval-examples", "8", "--no-hma"])  # fmt: skip
+    rows = summary["methods"]
+    assert [r["method"] for r in rows] == [
+        "vanilla DPO",
+        "null-space DPO",
+        f"frontier DPO (eps={demo.DEFAULT_TOLERANCE:g})",
+    ]
+    for r in rows:
+        assert r["runs"] == 2 and [(x["pretrain_seed"], x["train_seed"]) for x in r["per_run"]] == [
+            (0, 0),
+            (0, 1),
+        ]
+        assert r["refusal_gain_ci"][0] <= r["refusal_gain"] <= r["refusal_gain_ci"][1]
+    assert summary["setup"]["pretrain_seeds"] == [0] and summary["setup"]["eval_examples"] == 8
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["methods"][0]["refusal_gain_ci"] == rows[0]["refusal_gain_ci"]
+    assert (tmp_path / "out" / "p0_s1" / "nullspace" / "train_log.jsonl").is_file()
+    assert "[" in (tmp_path / "out" / "summary.md").read_text()  # intervals in the table
+
+
 @pytest.mark.slow
 def test_full_demo_writes_summary_plots_and_wandb(tmp_path: Path) -> None:
     """The whole ``make demo`` story with short DPO runs (a few minutes; builds the lab model if absent)."""
-    summary = demo.main(["--output-dir", str(tmp_path), "--steps", "10"])
+    summary = demo.main(
+        ["--output-dir", str(tmp_path), "--steps", "10", "--seeds", "0", "--pretrain-seeds", "0"]
+    )
     names = [r["method"] for r in summary["methods"]]
     assert names == ["vanilla DPO", "null-space DPO", f"frontier DPO (eps={demo.DEFAULT_TOLERANCE:g})"]
     assert summary["hma"]["hypervolume"]["uniform"] > 0 and len(summary["hma"]["rows"]) == 7
