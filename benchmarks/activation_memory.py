@@ -17,6 +17,11 @@ block linear), and each activation_rank r:
     python -m benchmarks.activation_memory [--ranks 16 64 256] [--directions 2] [--json out.json]
     python -m benchmarks.activation_memory --time smollm2-135m --ranks 16 64   # CPU timings
 
+``--lab MODEL_DIR`` runs a small protection check on a pretrained lab model: supervised steps on
+the refusal completions of the lab's harmful prompts (AdamW, lr 1e-3, batch 8), vanilla against
+activation-projected (bases refreshed every 10 steps from 2 batches of 8 rows per task), and
+reports each capability task's NLL change on its eval split.
+
 ``--time MODEL`` also builds that model with random fp32 weights on the CPU and measures, per
 rank, one refresh on two random 2 × 192 capability batches (the smollm2 recipe's capability batch
 shape) and one projected step (before_step + after_step around a random update of every weight,
@@ -119,6 +124,64 @@ def time_projection(name: str, ranks: list[int], seed: int = 0) -> list[dict]:
     return rows
 
 
+def lab_check(model_dir: str, ranks: list[int], steps: int = 30, seed: int = 0) -> list[dict]:
+    """Capability NLL change per lab task after ``steps`` refusal-SFT steps, vanilla vs activation."""
+    from datasets import Dataset
+
+    from frontier_trainer.directions import build_capability_sampler, completion_metric
+    from frontier_trainer.lab import data as lab_data
+    from frontier_trainer.lab.pretraining import load
+
+    _, tokenizer = load(model_dir)
+    prefs = lab_data.preference_dataset("train")
+    safety = build_capability_sampler(
+        {"safety": Dataset.from_dict({"prompt": prefs["prompt"], "completion": prefs["chosen"]})},
+        tokenizer, max_length=64, batch_size=8, seed=seed,
+    )
+    train_caps = build_capability_sampler(lab_data.capability_datasets("train"), tokenizer, 64, 8, seed)
+    eval_caps = build_capability_sampler(lab_data.capability_datasets("eval"), tokenizer, 64, 64, seed)
+    eval_batches = {t: eval_caps.next_batch(t) for t in eval_caps.tasks}
+
+    def nll(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            model.eval()
+            out = {t: -float(completion_metric(model, b)) for t, b in eval_batches.items()}
+            model.train()
+        return out
+
+    rows = []
+    for rank in [0, *ranks]:  # 0: vanilla
+        torch.manual_seed(seed)
+        model, _ = load(model_dir)
+        model.train()
+        start = nll(model)
+        refusal_start = -float(completion_metric(model, safety.collate("safety", list(range(32)))))
+        projector = ActivationProjector(model, rank=rank, energy=0.99) if rank else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        safety.load_state_dict({**safety.state_dict(), "tasks": {"safety": {"epoch": 0, "cursor": 0,
+                                                                              "num_rows": len(safety.rows["safety"])}}})
+        train_caps.load_state_dict({**train_caps.state_dict(), "tasks": {
+            t: {"epoch": 0, "cursor": 0, "num_rows": len(train_caps.rows[t])} for t in train_caps.tasks}})
+        for step in range(steps):
+            if projector is not None and step % 10 == 0:
+                projector.refresh([train_caps.next_batch(t) for t in train_caps.tasks for _ in range(2)])
+            batch = safety.next_batch("safety")
+            (-completion_metric(model, batch)).backward()
+            if projector is not None:
+                projector.before_step()
+            optimizer.step()
+            if projector is not None:
+                projector.after_step()
+            optimizer.zero_grad()
+        end = nll(model)
+        refusal = -float(completion_metric(model, safety.collate("safety", list(range(32)))))
+        kept = sorted(set(projector.ranks().values())) if projector else [0]
+        rows.append({"rank": rank, "seed": seed, "refusal_nll_start": refusal_start, "refusal_nll": refusal, "kept": [kept[0], kept[-1]],
+                     **{f"dnll/{t}": end[t] - start[t] for t in start}})
+        logger.warning("lab r=%d: %s", rank, rows[-1])
+    return rows
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:9.3f}"
 
@@ -130,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directions", type=int, default=2, help="k capability directions in gradient mode")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--lab", default=None, help="a pretrained lab model directory: run the protection check")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="--lab: data-order seeds")
     parser.add_argument("--time", choices=list(MODELS), default=None, help="also time refresh and step on CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -152,9 +217,17 @@ def main(argv: list[str] | None = None) -> None:
             f"projected step {row['step_s']:.2f} s (before+after), kept r in {row['ranks_kept']}, "
             f"max ‖ΔW U‖/‖ΔW‖ = {row['ratio']:.2e}"
         )
+    lab = [row for seed in args.seeds for row in lab_check(args.lab, args.ranks, seed=seed)] if args.lab else []
+    for row in lab:
+        name = "vanilla" if row["rank"] == 0 else f"activation r={row['rank']} (kept {row['kept']})"
+        changes = ", ".join(f"{k[5:]} {v:+.3f}" for k, v in row.items() if k.startswith("dnll/"))
+        lines.append(
+            f"lab seed {row['seed']} {name}: refusal NLL {row['refusal_nll_start']:.3f} -> {row['refusal_nll']:.3f}; "
+            f"capability NLL change: {changes}"
+        )
     print("\n".join(lines))  # the CLI's final table
     if args.json is not None:
-        args.json.write_text(json.dumps({"memory": rows, "timings": timings}, indent=2))
+        args.json.write_text(json.dumps({"memory": rows, "timings": timings, "lab": lab}, indent=2))
 
 
 if __name__ == "__main__":
