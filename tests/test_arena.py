@@ -427,3 +427,47 @@ def test_tiny_end_to_end_with_real_trainers(tmp_path: Path) -> None:
     assert [v["baseline"] for v in summary["verdicts"]] == ["vanilla"]
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["preset"]["name"] == "tiny-test" and prov["data"] == {"suite": "tiny"}
+
+
+# --------------------------------------------------------------------------------------
+# README tables from committed results
+# --------------------------------------------------------------------------------------
+
+
+def test_render_tables_from_results_files(tmp_path: Path) -> None:
+    from benchmarks import render_tables
+
+    results = tmp_path / "results"
+    (results / "arena" / "lab-quick").mkdir(parents=True)
+    (results / "demo").mkdir(parents=True)
+    iv = {"value": 0.5, "low": 0.4, "high": 0.6, "n": 10}
+    (results / "arena" / "lab-quick" / "results.json").write_text(json.dumps({
+        "methods": {"vanilla": {"refusal_gain": iv}, "nullspace": {"refusal_gain": iv}},
+        "chosen": {"vanilla": 1e-4, "nullspace": 3e-4}, "ours": ["nullspace"],
+        "cost": {"nullspace": {"step_time_ratio": 1.234}},
+        "verdicts": [{"ours": "nullspace", "baseline": "vanilla", "verdict": "crosses", "evidence": "e"}],
+        "targets": {"nullspace": [{"target": "t", "estimate": iv, "status": "met"}]},
+    }))  # fmt: skip
+    row = {"method": "vanilla DPO", "refusal": 0.3, "refusal_ci": [0.1, 0.5], "refusal_gain": 0.3,
+           "refusal_gain_ci": [0.1, 0.5], "mean_capability_change": -0.2, "mean_capability_change_ci": [-0.3, -0.1],
+           "worst_task": "chemistry", "worst_task_change": -0.5, "worst_task_change_ci": [-0.9, -0.1],
+           "over_refusal_change": 0.1, "over_refusal_change_ci": [0.0, 0.2]}  # fmt: skip
+    (results / "demo" / "summary.json").write_text(
+        json.dumps({"setup": {"runs_per_method": 6}, "methods": [row]})
+    )
+    text = (
+        "intro\n<!-- table:arena-lab-quick -->\nold\n<!-- /table:arena-lab-quick -->\nmiddle\n"
+        "<!-- table:arena-lab-quick-verdicts -->\n<!-- /table:arena-lab-quick-verdicts -->\n"
+        "<!-- table:demo-summary -->\nstale\n<!-- /table:demo-summary -->\nend\n"
+    )
+    out = render_tables.render_text(text, results)
+    assert out.startswith("intro\n<!-- table:arena-lab-quick -->\n| method |") and "\nmiddle\n" in out
+    assert "| **nullspace** | 0.0003 | +0.50 [+0.40, +0.60] |" in out and "| 1.23 |" in out
+    assert "| nullspace | vanilla | **crosses** | e |" in out
+    assert "| vanilla DPO | 0.30 [0.10, 0.50] | +0.30 [+0.10, +0.50] |" in out and "(chemistry)" in out
+    assert "old" not in out and "stale" not in out and out.endswith("end\n")
+    assert render_tables.render_text(out, results) == out  # idempotent
+    with pytest.raises(ValueError, match="table 'bogus' unknown"):
+        render_tables.render_text("<!-- table:bogus -->\n<!-- /table:bogus -->", results)
+    with pytest.raises(FileNotFoundError, match="results file missing"):
+        render_tables.render_text("<!-- table:arena-gpu -->\n<!-- /table:arena-gpu -->", results)
