@@ -51,6 +51,8 @@ class Preset:
         lora_r: LoRA rank (real suite; 0 = full fine-tuning).
         replicates: bootstrap replicates.
         method_options: extra keyword arguments per method (for example the replay weight λ).
+        real_tasks, real_nll_sets: real suite only: the capability tasks and NLL sets of
+            ``frontier_trainer.evaluation``'s real suite to score (``None``: all of them).
         scorer: lab only: ``"fast"`` (the evaluation suite's prompts, judge and exact match with one
             batched generation) or ``"library"`` (``evaluate_model`` itself, through lm-eval).
     """
@@ -73,6 +75,8 @@ class Preset:
     replicates: int = 2000
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     scorer: str = "fast"
+    real_tasks: tuple[str, ...] | None = None
+    real_nll_sets: tuple[str, ...] | None = None
 
     @property
     def all_methods(self) -> tuple[str, ...]:
@@ -176,9 +180,10 @@ PRESETS: dict[str, Preset] = {
         eval_limit=100,
         capability_rows=256,
     ),
-    # <= 90 min in the background on the 2-core machine: SmolLM2-135M-Instruct + LoRA r=16, 10 steps of
-    # batch 2 at length 128 (~13 s per step measured in benchmarks/real_model), the real suite with 16
-    # prompts per set per split; 4 methods x (3 rates + 2 seeds) = 20 runs of ~4 min.
+    # meant for <= 90 min in the background on a quiet 2-core machine: SmolLM2-135M-Instruct + LoRA r=16,
+    # 10 steps of batch 2 at length 128 (~13 s per step at length 192 in benchmarks/real_model), three of
+    # the real suite's capability tasks and 16 prompts per set per split; 4 methods x (3 rates + 2 seeds)
+    # = 20 runs of ~4 min each when the machine is not shared.
     "smollm2-cpu": Preset(
         name="smollm2-cpu",
         suite="real",
@@ -186,7 +191,7 @@ PRESETS: dict[str, Preset] = {
         train_seeds=(0, 1, 2),
         learning_rates=(2e-4, 5e-4, 1e-3),
         tolerances=(0.02, 0.05),
-        methods=("vanilla", "ogpsa", "nullspace", frontier_name(0.02)),
+        methods=("vanilla", "nullspace", frontier_name(0.02), "ogpsa"),
         steps=10,
         batch_size=2,
         eval_limit=16,
@@ -194,6 +199,10 @@ PRESETS: dict[str, Preset] = {
         max_length=128,
         lora_r=16,
         replicates=1000,
+        # the protected tasks (BIG-bench addition, HumanEval NLL) plus two held-out multiple-choice
+        # tasks; GSM8K's 128-token chain of thought, HellaSwag and PIQA are left to the gpu preset
+        real_tasks=("bigbench_arithmetic", "arc_easy", "mmlu"),
+        real_nll_sets=("humaneval",),
     ),
     # a lent GPU: the full real evaluation sets, 100 steps of batch 8, every method (not run here).
     "gpu": Preset(

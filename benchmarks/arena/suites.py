@@ -257,7 +257,10 @@ class RealSuite:
                 "the real suite needs frontier_trainer.evaluation.evaluate_model (not importable); "
                 "run a lab preset instead or update the checkout."
             )
-        self.evaluator = "frontier_trainer.evaluation"
+        from frontier_trainer.evaluation.real_suite import RealSuite as EvalRealSuite
+
+        self._suite = EvalRealSuite(tasks=preset.real_tasks, nll_sets=preset.real_nll_sets)
+        self.evaluator = f"frontier_trainer.evaluation real suite (tasks {preset.real_tasks or 'all'})"
         self._prefs: Any = None
         self._caps: dict[str, Any] | None = None
 
@@ -309,7 +312,13 @@ class RealSuite:
 
     def evaluate(self, model: Any, tokenizer: Any, base: Any | None, split: str) -> Samples:
         report = self._evaluate_model(
-            model, tokenizer, suite="real", base=base, split=split, limit=self.preset.eval_limit
+            model,
+            tokenizer,
+            suite=self._suite,
+            base=base,
+            split=split,
+            limit=self.preset.eval_limit,
+            batch_size=8,
         )
         return {k: [float(x) for x in v] for k, v in report.samples.items()}
 
@@ -326,6 +335,7 @@ class RealSuite:
                 for t, d in self.capability_datasets().items()
             },
             "assets": data.asset_provenance(),
+            "evaluation_suite": self._suite.provenance(),
         }
 
 
