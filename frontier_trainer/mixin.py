@@ -59,6 +59,7 @@ from frontier_trainer.directions import (
     capability_gradients,
     completion_metric,
 )
+from frontier_trainer.plan import check_arguments, check_model
 from frontier_trainer.projection import StepReport, UpdateProjector
 from frontier_trainer.tracking import (
     DegradationCallback,
@@ -71,82 +72,14 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "frontier_state.pt"
 
-#: Optimizers that update parameters inside ``backward`` (LOMO/AdaLomo, layer-wise GaLore/APOLLO)
-#: or swap parameter values around evaluation (schedule-free): no optimizer step hook sees their
-#: real update, so the projection cannot be exact.
-_UNSUPPORTED_OPTIM_MARKERS = ("lomo", "layerwise", "schedule_free")
-
-
 # --------------------------------------------------------------------------------------
-# construction checks (one function: a planning layer can call it before building a trainer)
+# construction checks: one copy, in the planning layer (plan.check_arguments / check_model)
 # --------------------------------------------------------------------------------------
 
-
-def check_frontier_setup(
-    args: FrontierArguments, sources: Mapping[str, Any], metrics: Mapping[str, MetricFn] | None
-) -> None:
-    """Refuse, before any model is built, a setup the projection cannot make exact.
-
-    Checks the capability tasks against the tolerances and metrics, then (unless
-    ``projection="none"``) DeepSpeed, FSDP, optimizers that step inside backward, reentrant
-    checkpointing and fp16 without CUDA. Every message names the field and the fix.
-    """
-    if args.projection != "none" and not sources:
-        raise ValueError(
-            f"projection={args.projection!r} needs capability data: pass capability_datasets={{task: dataset}} "
-            "to the trainer or set the config's capability_datasets (or use projection='none')."
-        )
-    for task in sources:
-        if not isinstance(task, str) or not task:
-            raise ValueError(f"capability_datasets: task names must be non-empty strings, got {task!r}")
-    if isinstance(args.capability_tolerance, dict):
-        unknown = sorted(set(args.capability_tolerance) - set(sources))
-        if unknown:
-            raise ValueError(
-                f"capability_tolerance names unknown task(s) {unknown}; the capability tasks are {sorted(sources)}."
-            )
-    unknown_metrics = sorted(set(metrics or {}) - set(sources))
-    if unknown_metrics:
-        raise ValueError(
-            f"capability_metrics names unknown task(s) {unknown_metrics}; tasks are {sorted(sources)}."
-        )
-    if args.projection == "none":
-        return
-    fix = "Run without it, or set projection='none' for the plain trainer."
-    if getattr(args, "deepspeed", None):
-        raise ValueError(
-            "the frontier projection does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer "
-            f"inside accelerator.backward, where no optimizer hook sees the update, so it could not be exact. {fix}"
-        )
-    if getattr(args, "fsdp", None):
-        raise ValueError(
-            "the frontier projection does not support FSDP yet: parameters are sharded and no sharded projection "
-            f"path is implemented and tested. Use DDP (torchrun / accelerate launch --multi_gpu). {fix}"
-        )
-    optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", "")))
-    if any(marker in optim for marker in _UNSUPPORTED_OPTIM_MARKERS):
-        raise ValueError(
-            f"optim={optim!r} updates parameters inside backward (or swaps them around evaluation), so the "
-            "realised update is invisible to the projection. Use a step-based optimizer such as adamw_torch."
-        )
-    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; read both
-    ckpt_on = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
-    ckpt_kwargs = (
-        getattr(args, "activation_checkpointing_kwargs", None)
-        or getattr(args, "gradient_checkpointing_kwargs", None)
-        or {}
-    )
-    if ckpt_on and ckpt_kwargs.get("use_reentrant", False):
-        raise ValueError(
-            "gradient_checkpointing_kwargs={'use_reentrant': True} breaks torch.autograd.grad, which the "
-            "capability directions need. Use {'use_reentrant': False} (the transformers default)."
-        )
-    if getattr(args, "fp16", False) and (getattr(args, "use_cpu", False) or not torch.cuda.is_available()):
-        raise ValueError(
-            "fp16=True with the frontier projection needs CUDA: fp16 autocast with loss scaling is only "
-            "supported (and tested) on a GPU. On the CPU use bf16=True (autocast over fp32 weights) or "
-            "fp16=False."
-        )
+#: Refuse, before any model is built, a setup the projection cannot make exact (the capability
+#: tasks against tolerances and metrics; DeepSpeed, FSDP, optimizers stepping inside backward,
+#: reentrant checkpointing, fp16 without CUDA). Kept under this name for existing callers.
+check_frontier_setup = check_arguments
 
 
 @torch.no_grad()
@@ -259,7 +192,7 @@ class FrontierMixin:
             else dict(config.capability_datasets or {})
         )
         self.capability_tasks: list[str] = list(sources)
-        check_frontier_setup(config, sources, capability_metrics)
+        check_arguments(config, sources, capability_metrics)
         # state the hooks read, set before the base constructor in case it calls an override
         self.projector: UpdateProjector | None = None
         self.capability_sampler: CapabilitySampler | None = None
@@ -327,24 +260,13 @@ class FrontierMixin:
             raise ValueError(f"{type(self).__name__}(projection={args.projection!r}): {err}") from None
 
     def _check_setup_after_init(self) -> None:
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
-            raise ValueError(
-                f"{type(self).__name__}: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
-                "supports single-process and DDP training only. Use projection='none' or plain DDP."
-            )
-        low = sorted(
-            {
-                str(p.dtype)
-                for p in self._unwrapped_model().parameters()
-                if p.requires_grad and p.dtype not in (torch.float32, torch.float64)
-            }
+        """DeepSpeed/FSDP enabled through accelerate, or low-precision trainable weights: refused."""
+        check_model(
+            self._unwrapped_model(),
+            deepspeed_enabled=bool(getattr(self, "is_deepspeed_enabled", False)),
+            fsdp_enabled=bool(getattr(self, "is_fsdp_enabled", False)),
+            owner=type(self).__name__,
         )
-        if low:
-            raise ValueError(
-                f"trainable parameters are {low}: pure low-precision weights round θ_old + δ and break the "
-                "projection's exactness. Load the model with dtype=torch.float32 and train with bf16=True "
-                "(autocast over fp32 master weights)."
-            )
 
     def _unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)

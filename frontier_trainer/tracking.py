@@ -45,7 +45,8 @@ Resume: :meth:`DegradationCallback.state_dict` holds the whole measurement (θ s
 gradients, predictions, observations, sampler positions, fingerprints of the data);
 ``FrontierMixin`` saves it in each checkpoint and restores it, so a resumed run continues the
 measurement from θ_0 instead of restarting it at the checkpoint. This module is library code:
-it never imports the ``geometry_report`` command (which may build on the Gram helpers here).
+it never imports the ``geometry_report`` command; the Gram geometry comes from the library
+module :mod:`frontier_trainer.report`.
 """
 
 from __future__ import annotations
@@ -64,20 +65,22 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from frontier_trainer import geometry
 from frontier_trainer.directions import (
     IGNORE_INDEX,
     CapabilitySampler,
-    MetricFn,
     build_capability_sampler,
-    capability_gradients,
     completion_metric,
     deterministic_forward,
     list_dot,
     validate_task_names,
+)
+from frontier_trainer.report import (
+    average_gradient,
+    capability_directions,
+    gram_matrix,
+    task_geometry,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,140 +168,8 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Gram geometry (library code: the geometry_report command builds on it, never the reverse)
+# geometry helpers of the tracker's own (the Gram geometry itself is frontier_trainer.report's)
 # --------------------------------------------------------------------------------------
-
-
-def gram_matrix(vectors: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Float64 Gram matrix ``G[i, j] = ⟨x_i, x_j⟩`` of per-parameter vectors (Remark 4.6's Gram form)."""
-    n = len(vectors)
-    G = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(i, n):
-            G[i, j] = G[j, i] = float(list_dot(vectors[i], vectors[j]))
-    return G
-
-
-def unit_gram(gram: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix of the same vectors scaled to unit norm (zero vectors stay zero).
-
-    Every quantity here is invariant to each vector's length, but gradient norms differ by
-    orders of magnitude, and a relative eigenvalue cut-off on the raw Gram matrix would drop
-    the small vectors' own directions and corrupt τ.
-    """
-    G = gram.detach().to(torch.float64)
-    norms = torch.diagonal(G).clamp_min(0).sqrt()
-    inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-    return G * inv[:, None] * inv[None, :]
-
-
-def gram_coordinates(gram: torch.Tensor) -> torch.Tensor:
-    """Coordinates X of shape (r, n) with XᵀX = G: n vectors in R^r with the same geometry.
-
-    From G = VΛVᵀ, X = Λ^{1/2}Vᵀ keeping eigenvalues above ``geometry.GRAM_RTOL`` of the largest.
-
-    Raises:
-        ValueError: ``gram`` is not square, not finite, or all zero.
-    """
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram must be a square matrix, got shape {tuple(gram.shape)}")
-    G = gram.detach().to(torch.float64)
-    if not torch.isfinite(G).all():
-        raise ValueError("gram contains NaN or inf (a direction had non-finite gradients)")
-    G = 0.5 * (G + G.T)
-    evals, evecs = torch.linalg.eigh(G)
-    top = float(evals.max())
-    if top <= 0:
-        raise ValueError("gram is all zeros: every direction is the zero vector")
-    keep = evals > geometry.GRAM_RTOL * top
-    return evals[keep].sqrt()[:, None] * evecs[:, keep].T
-
-
-def average_gradient(
-    model: nn.Module,
-    params: Sequence[nn.Parameter],
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    metric: MetricFn = completion_metric,
-) -> tuple[float, Grads]:
-    """Mean over batches of ``metric`` and of its gradient (dropout off, ``p.grad`` untouched)."""
-    if not batches:
-        raise ValueError("average_gradient: no batch given")
-    total: Grads | None = None
-    values = []
-    for batch in batches:
-        value, grads = capability_gradients(model, params, batch, metric=metric)
-        values.append(float(value))
-        if total is None:
-            total = [g.detach().clone() for g in grads]
-        else:
-            for acc, g in zip(total, grads, strict=True):
-                acc.add_(g)
-    assert total is not None
-    for acc in total:
-        acc.div_(len(batches))
-    return sum(values) / len(values), total
-
-
-def capability_directions(
-    model: nn.Module,
-    params: Sequence[nn.Parameter],
-    sampler: CapabilitySampler,
-    batches: int = 4,
-    progress: bool = False,
-) -> dict[str, Grads]:
-    """c_i = mean over ``batches`` sampler batches of ∇f_i (f_i: mean completion log-likelihood)."""
-    device = params[0].device
-    out: dict[str, Grads] = {}
-    for task in tqdm(sampler.tasks, desc="capability directions", disable=not progress):
-        n = min(batches, max(1, len(sampler.rows[task]) // sampler.task_batch_size(task)))
-        _, out[task] = average_gradient(
-            model, params, [sampler.next_batch(task, device=device) for _ in range(n)]
-        )
-    return out
-
-
-def task_geometry(gram: torch.Tensor, tasks: Sequence[str], budget: float = 1.0) -> dict[str, Any]:
-    """Per-task τ_i, angle, regime and tax-free safety from the Gram matrix of [v, c_1, …, c_m].
-
-    τ_i = cos²(v, c_i) (eq. 6), the principal angle α_i = arccos √τ_i between span(v) and
-    span(c_i) (Björck–Golub), the §9.3 regime, and B√(1 − τ_i) (Cor 4.4, eq. 5). ``cos`` keeps
-    the sign: cos < 0 means the safety step lowers f_i to first order. The joint τ of v
-    against all of C (eq. 2, non-additive, Remark 4.6) comes with its B√(1 − τ).
-    A zero capability gradient gets NaN entries and regime ``"undefined"``.
-    """
-    if gram.shape[0] != len(tasks) + 1:
-        raise ValueError(f"gram has {gram.shape[0]} rows for 1 + {len(tasks)} directions")
-    if float(gram[0, 0]) <= 0:
-        raise ValueError("the safety direction is zero: the preference objective has no gradient here")
-    X = gram_coordinates(unit_gram(gram))
-    v = X[:, 0]
-    rows = []
-    for i, task in enumerate(tasks, start=1):
-        c = X[:, i]
-        if float(gram[i, i]) <= 0:
-            rows.append(_undefined_row(task))
-            continue
-        tau = float(geometry.task_tax_rates(v, c[:, None])[0])
-        angle = float(geometry.principal_angles(v[:, None], c[:, None])[0])
-        rows.append(
-            {
-                "task": task,
-                "tau": tau,
-                "cos": float(gram[0, i]) / math.sqrt(float(gram[0, 0]) * float(gram[i, i])),
-                "angle_deg": math.degrees(angle),
-                "regime": geometry.regime(tau),
-                "free_safety": geometry.free_safety(tau, budget),
-            }
-        )
-    nonzero = [i for i in range(1, len(tasks) + 1) if float(gram[i, i]) > 0]
-    joint = geometry.tax_rate(v, X[:, nonzero]) if nonzero else math.nan
-    return {
-        "budget": budget,
-        "tasks": rows,
-        "joint_tau": joint,
-        "joint_free_safety": geometry.free_safety(joint, budget) if nonzero else math.nan,
-        "sum_of_task_taus": float(sum(r["tau"] for r in rows if not math.isnan(r["tau"]))),
-    }
 
 
 def _undefined_row(task: str) -> dict[str, Any]:
@@ -1132,18 +1003,12 @@ def plot_degradation(rows: Sequence[Mapping[str, Any]], ranks: Mapping[str, floa
 __all__ = [
     "TABLE_COLUMNS",
     "DegradationCallback",
-    "average_gradient",
-    "capability_directions",
     "check_fingerprints",
     "data_fingerprints",
     "dataset_metric",
-    "gram_coordinates",
-    "gram_matrix",
     "kendall",
     "plot_degradation",
     "rankdata",
     "spearman",
-    "task_geometry",
     "undefined_geometry",
-    "unit_gram",
 ]
