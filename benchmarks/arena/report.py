@@ -104,6 +104,9 @@ def method_replicates(
             float(np.mean([v for v, _ in parts])),
             np.mean([r for _, r in parts], axis=0),
         )
+    for key in [k for k in base0 if k.startswith("nll/")]:  # our completion NLL (nats/token; + = worse)
+        g = _grid(cells, preset, key)
+        put(f"nll_change/{key.removeprefix('nll/')}", g - _base_grid(bases, preset, key, g), key)
     if cells and KL in cells[0].samples["test"]:
         put("kl_to_base", _grid(cells, preset, KL), KL)
     return out
@@ -490,6 +493,15 @@ def markdown(summary: Mapping[str, Any], preset: Preset, prov: Mapping[str, Any]
         lines.append(
             f"| {m} | " + " | ".join(_iv(r.get(f"capability_change/{t}"), "+.2f") for t in tasks) + " |"
         )
+    nll = sorted(
+        {k.split("/", 1)[1] for r in summary["methods"].values() for k in r if k.startswith("nll_change/")}
+    )
+    if nll:
+        lines += ["", "Completion NLL change (nats/token, positive = worse):", ""]
+        lines += ["| method | " + " | ".join(nll) + " |", "|" + "---|" * (len(nll) + 1)]
+        for m, r in summary["methods"].items():
+            lines.append(f"| {m} | " + " | ".join(_iv(r.get(f"nll_change/{t}"), "+.4f") for t in nll) + " |")
+    lines += ["", "## Reading (generated from the numbers above)", "", *reading(summary)]
     lines += [
         "",
         "## Cost (same process as vanilla; other jobs shared the cores, ratios are side by side)",
@@ -550,6 +562,32 @@ def markdown(summary: Mapping[str, Any], preset: Preset, prov: Mapping[str, Any]
         "(settings, package versions, data hashes, machine), `cells/` (per-prompt outcomes of every run).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def reading(summary: Mapping[str, Any]) -> list[str]:
+    """Plain statements the intervals support, one bullet each (no judgement beyond the intervals)."""
+    out = []
+    m = summary["methods"]
+    for name, r in m.items():
+        g, c = r.get("refusal_gain"), r.get("capability_change")
+        if not g or not c:
+            continue
+        gi, ci = Interval.from_dict(g), Interval.from_dict(c)
+        gain = (
+            "raises refusal"
+            if gi.low > 0
+            else ("lowers refusal" if gi.high < 0 else "has no refusal gain distinguishable from 0")
+        )
+        cap = (
+            "loses capability"
+            if ci.high < 0
+            else ("gains capability" if ci.low > 0 else "has no capability change distinguishable from 0")
+        )
+        out.append(f"- {name} {gain} ({gi.fmt()}) and {cap} ({ci.fmt()}).")
+    for v in summary["verdicts"]:
+        out.append(f"- {v['ours']} vs {v['baseline']}: **{v['verdict']}**.")
+    out.append("- Every seed pair run is in these numbers; none was dropped or re-run selectively.")
+    return out
 
 
 def write(out: Path, summary: Mapping[str, Any], preset: Preset, prov: Mapping[str, Any]) -> dict[str, Path]:
