@@ -524,42 +524,40 @@ class ActivationProjector:
 
     def _find_groups(self, hooked: list[_Entry], batch: dict[str, torch.Tensor]) -> dict[str, list[str]]:
         """Group entries that read the same input tensor (consecutive calls on one tensor object,
-        e.g. q/k/v), from one forward of ``batch``; each group's first entry is its leader."""
-        order: list[tuple[_Entry, torch.Tensor]] = []
+        e.g. q/k/v), from one forward of the batch's first row; each group's first entry is its
+        leader. Only the previous call's input is held (a strong reference, so its id cannot be
+        reused by a later tensor), not the whole forward's."""
+        groups: dict[str, list[str]] = {}
+        previous: list[tuple[_Entry, torch.Tensor]] = []
 
         def make_hook(entry: _Entry) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                order.append((entry, args[0]))  # strong references: no id reuse within the forward
+                x = args[0]
+                if any(entry.name in members for members in groups.values()):
+                    return  # a module called twice keeps its first group
+                if previous and x is previous[0][1]:
+                    entry.group = previous[0][0].group
+                else:
+                    entry.group = entry.name
+                groups.setdefault(entry.group, []).append(entry.name)
+                previous[:] = [(entry, x)]
 
             return hook
 
         handles = [e.hooked.register_forward_pre_hook(make_hook(e)) for e in hooked]
         try:
-            self._forward(batch)
+            self._forward({key: value[:1] for key, value in batch.items()})
         finally:
             for h in handles:
                 h.remove()
-        seen = {e.name for e, _ in order}
+            previous.clear()
+        seen = {name for members in groups.values() for name in members}
         missing = [e.name for e in hooked if e.name not in seen]
         if missing:
             raise ValueError(
                 f"activation protection: modules {missing[:4]} were not called on the capability batch; they "
                 "cannot be protected (use module_filter to leave them out)."
             )
-        groups: dict[str, list[str]] = {}
-        previous: tuple[_Entry, torch.Tensor] | None = None
-        assigned: set[str] = set()
-        for entry, x in order:
-            if entry.name in assigned:
-                continue  # a module called twice keeps its first group
-            if previous is not None and x is previous[1] and previous[0].group:
-                entry.group = previous[0].group
-            else:
-                entry.group = entry.name
-            groups.setdefault(entry.group, []).append(entry.name)
-            assigned.add(entry.name)
-            previous = (entry, x)
-        order.clear()
         return groups
 
     def _accumulate(self, leaders: list[_Entry], batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
