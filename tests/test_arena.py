@@ -281,7 +281,8 @@ LOSS = {1e-4: 0.0, 3e-4: 0.05, 1e-3: 0.5}
 
 
 class _FakeSuite:
-    """Refusal and capability planted per learning rate: the rule must pick 3e-4 (0.55 vs 0.2 and 0.4)."""
+    """Refusal and capability planted per learning rate: on validation the rule must pick 3e-4 (0.55 vs
+    0.2 and 0.4); on test no rate loses capability, so choosing on test would pick 1e-3."""
 
     name = "fake"
     evaluator = "fake scorer"
@@ -295,6 +296,8 @@ class _FakeSuite:
     def evaluate(self, model: _FakeModel, tok: Any, base: Any, split: str) -> dict[str, list[float]]:
         n = 20
         g, loss = (0.0, 0.0) if model.lr is None else (GAIN[model.lr], LOSS[model.lr])
+        if split == "test":  # the test split would pick 1e-3: selection must not look at it
+            loss = 0.0
         return {
             protocol.REFUSAL: [float(i < round(g * n)) for i in range(n)],
             protocol.OVER_REFUSAL_LOOKALIKE: [0.0] * n,

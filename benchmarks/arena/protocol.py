@@ -634,5 +634,11 @@ def merge_models(method: str, base_dir: str, aligned_dir: str, t: float, out_dir
             geo.save(geo_path)
         alloc = allocate(geo, t=t, tolerances=hma_tolerances(geo, t, 0.5))
         merge(base_dir, aligned_dir, alloc, out_dir, grouping=grouping, progress=False)
+        if not (
+            out_dir / "tokenizer_config.json"
+        ).is_file():  # the merge writes weights; evaluation needs the tokenizer
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
         return out_dir
     raise ValueError(f"merge method {method!r} unknown; choose from {list(MERGE_METHODS)}.")
