@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import random
 import shutil
 import sys
 import tempfile
@@ -40,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets
+import numpy as np
 import scipy
 import torch
 import transformers
@@ -174,37 +174,42 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman ρ of two (B, n) arrays (average ranks for ties); NaN for a constant row."""
+    rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    den = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(axis=1) / den, np.nan)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    """Percentile 95% interval of the finite values."""
+    v = np.sort(values[np.isfinite(values)])
+    return float(v[int(0.025 * len(v))]), float(v[int(0.975 * len(v)) - 1])
+
+
 def bootstrap_pooled(xs: list[float], ys: list[float], samples: int, seed: int = 0) -> tuple[float, float]:
     """Percentile 95% interval of Spearman over (seed, task) points resampled with replacement."""
-    rng = random.Random(seed)
-    n = len(xs)
-    values = []
-    for _ in range(samples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        r = spearman([xs[i] for i in idx], [ys[i] for i in idx])
-        if r == r:
-            values.append(r)
-    values.sort()
-    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(xs), size=(samples, len(xs)))
+    return _interval(_spearman_rows(np.asarray(xs)[idx], np.asarray(ys)[idx]))
 
 
 def bootstrap_within(
     per_seed: list[tuple[list[float], list[float]]], samples: int, seed: int = 0
 ) -> tuple[float, float]:
     """95% interval of the mean within-seed Spearman, tasks resampled within each seed."""
-    rng = random.Random(seed)
-    values = []
-    for _ in range(samples):
-        rs = []
-        for xs, ys in per_seed:
-            idx = [rng.randrange(len(xs)) for _ in xs]
-            r = spearman([xs[i] for i in idx], [ys[i] for i in idx])
-            if r == r:
-                rs.append(r)
-        if rs:
-            values.append(sum(rs) / len(rs))
-    values.sort()
-    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for xs, ys in per_seed:
+        idx = rng.integers(0, len(xs), size=(samples, len(xs)))
+        rows.append(_spearman_rows(np.asarray(xs)[idx], np.asarray(ys)[idx]))
+    r = np.stack(rows)
+    keep = np.isfinite(r).any(axis=0)
+    with np.errstate(invalid="ignore"):
+        return _interval(np.nanmean(r[:, keep], axis=0))
 
 
 def correlate(seeds: list[dict[str, Any]], tau_key: str, observed_key: str) -> dict[str, Any]:

@@ -300,7 +300,11 @@ def test_benchmark_statistics_on_planted_orderings(monkeypatch):
     tasks = list(bench.lab.TASKS)
     ranks = {t: float(i) for i, t in enumerate(tasks)}
     seeds = [
-        {"seed": 0, "tau": ranks, "obs": {t: 10.0 * r + 1 for t, r in ranks.items()}},
+        {
+            "seed": 0,
+            "tau": ranks,
+            "obs": {t: math.exp(3.0 * r) for t, r in ranks.items()},
+        },  # ranks, not values
         {"seed": 1, "tau": ranks, "obs": {t: -r for t, r in ranks.items()}},
     ]
     c = bench.correlate(seeds[:1], "tau", "obs")
