@@ -182,6 +182,25 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return abs(float(a @ b)) / denom if denom > 0 else 0.0
 
 
+def test_ogpsa_anchor_is_the_mean_loss_gradient_over_the_reference_rows(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """a_i = −∇ of the token-pooled completion NLL of the first n_reference rows, computed by the test
+    (rows one by one, own tokenisation and cross-entropy); 6 rows in batches of 4 + 2."""
+    trainer = build_trainer("ogpsa", **common(model_dir, tmp_path), n_reference=6, capability_batch_size=4)
+    trainer.refresh_reference_gradients()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for task, anchor in zip(trainer.capability_sampler.tasks, trainer.reference_gradients, strict=True):
+        rows = list(capability_datasets()[task].select(range(6)))
+        grads = torch.autograd.grad(own_completion_nll(model, rows), params)
+        mine, theirs = torch.cat([g.reshape(-1) for g in grads]), torch.cat([a.reshape(-1) for a in anchor])
+        assert float(theirs.norm()) > 0
+        assert torch.allclose(theirs.double(), -mine.double(), rtol=1e-4, atol=1e-6 * float(mine.norm())), (
+            task
+        )
+
+
 class RecordingOGPSA(OGPSADPOTrainer):
     """Records, with its own hooks registered after the baseline's, the gradient right after the
     projection (before Adam) and the realised update after Adam, against the held anchors."""

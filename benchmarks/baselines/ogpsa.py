@@ -25,7 +25,7 @@ from benchmarks.baselines.common import (
     reference_batches,
     refuse_unsupported_setup,
 )
-from frontier_trainer.directions import capability_gradients
+from frontier_trainer.directions import IGNORE_INDEX, capability_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ class OGPSADPOTrainer(DPOTrainer):
     Algorithm:
 
     1. every ``refresh_steps`` optimizer steps (and before the first), for each capability task i
-       compute a_i = mean next-token-loss gradient over its first ``n_reference`` rows, one tensor
-       per trainable weight (``capability_gradients`` over the fixed reference set, batch-weighted);
+       compute a_i = gradient of the mean next-token log-likelihood of the completion tokens of its
+       first ``n_reference`` rows (token-pooled over the whole set), one tensor per trainable weight;
     2. per tensor W, orthonormalise {a_i[W]} by Gram–Schmidt (in float64) into {u_k[W]}, kept in the
        weights' dtype;
     3. in a step pre-hook on the raw torch optimizer — after accumulation, DDP all-reduce,
@@ -118,15 +118,17 @@ class OGPSADPOTrainer(DPOTrainer):
         for task in self.capability_sampler.tasks:
             batches = reference_batches(self.capability_sampler, task, self.n_reference, device=device)
             total = [torch.zeros_like(p) for p in params]
-            rows = 0
+            tokens = 0
             for batch in batches:
-                n = int(batch["input_ids"].shape[0])
+                # the batch metric is a token mean: weight it by its scored tokens, so the anchor is the
+                # gradient of the token-pooled mean over the whole reference set
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 with self.autocast_smart_context_manager():
                     _, grads = capability_gradients(model, params, batch)
                 for acc, g in zip(total, grads, strict=True):
                     acc.add_(g, alpha=n)
-                rows += n
-            anchors.append([acc / rows for acc in total])
+                tokens += n
+            anchors.append([acc / tokens for acc in total])
         self.reference_gradients = anchors
         self._bases = []
         for j in range(len(params)):
