@@ -32,7 +32,7 @@ lm-eval's own task YAMLs:
 * ``hellaswag``: the validation set (10,042), lm-eval's preprocessing, ``acc_norm``;
 * ``piqa``: the validation set (1,838), ``"Question: goal\\nAnswer:"``, ``acc``;
 * ``gsm8k``: GSM8K test (1,319, from an OLMES request file) 3-shot chain of thought (the shots are
-  the first three documents of a reserved hash bucket, never evaluated), ``generate_until``
+  the three documents with the smallest keyed hash, taken out of both splits), ``generate_until``
   ``"Question:"``/blank line, ``max_gen_toks`` 128, strict ``#### n`` regex, ``exact_match`` after
   lm-eval's GSM8K ``regexes_to_ignore``. Calculator annotations ``<<...>>`` are removed from answers;
 * ``bigbench_arithmetic``: BIG-bench ``arithmetic/2_digit_addition`` (its ``eval`` split, the one
@@ -45,6 +45,7 @@ canonical solution) and ``nll/gsm8k`` (``"Question: q\\nAnswer:"`` -> the refere
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -252,12 +253,14 @@ class RealSuite(Suite):
         )
 
     def _gsm8k_docs(self) -> tuple[list[dict], dict[str, list[dict]]]:
-        """(few-shot examples, {split: docs}): the shots come from a third hash bucket, never evaluated."""
+        """(few-shot examples, {split: docs}): the shots are the 3 documents of smallest keyed hash, never evaluated."""
         from frontier_trainer.real import data
 
         docs = self._cached("gsm8k", lambda: data.load_olmo_docs("gsm8k", self.cache_dir))
-        shots = [d for d in docs if hash_partition(d["question"], "gsm8k-shots", 0.01) == "validation"]
-        shots = shots[:_GSM8K_SHOTS]
+        order = sorted(
+            docs, key=lambda d: hashlib.blake2b(f"gsm8k-shots\x00{d['question']}".encode()).digest()
+        )
+        shots = order[:_GSM8K_SHOTS]
         shot_ids = {id(d) for d in shots}
         rest = [d for d in docs if id(d) not in shot_ids]
         return shots, {
