@@ -108,6 +108,7 @@ def representation_geometry(model: torch.nn.Module, tokenizer: Any) -> dict[str,
     variants: dict[str, dict[str, float]] = {"harmless=capability prompts": pooled_result.tau}
     for layer in primary.layers:
         variants[f"layer {layer} only"] = {t: by[layer] for t, by in primary.tau_by_layer.items()}
+    variants["signed cos (exploratory)"] = primary.cos
     variants["mean over layers"] = {t: sum(by.values()) / len(by) for t, by in primary.tau_by_layer.items()}
     return {
         "primary": primary.to_dict(),

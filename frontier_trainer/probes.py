@@ -408,6 +408,25 @@ def representation_tax_rates(
     return out
 
 
+def representation_cosines(
+    v: Mapping[int, torch.Tensor], c: Mapping[str, Mapping[int, torch.Tensor]]
+) -> dict[str, dict[int, float]]:
+    """Signed cos(v*_ℓ, c_{i,ℓ}) per task and layer; its square is :func:`representation_tax_rates`.
+
+    τ is sign-blind (the frontier is symmetric in the sign of ⟨v*, c_i⟩); the sign says whether task
+    i's probe points towards the harmful side (cos > 0) or away from it, which the tax rate hides.
+    """
+    representation_tax_rates(v, c)  # same validation
+    return {
+        task: {
+            layer: float(v[layer].double() @ by[layer].double())
+            / float(v[layer].double().norm() * by[layer].double().norm())
+            for layer in v
+        }
+        for task, by in c.items()
+    }
+
+
 def safety_separation(
     v: Mapping[int, torch.Tensor], harmful: Mapping[int, torch.Tensor], harmless: Mapping[int, torch.Tensor]
 ) -> dict[int, float]:
@@ -455,6 +474,7 @@ class ProbeGeometry:
         separation_held_out: whether d′ was measured on held-out prompts (else on the fitting ones).
         tau_by_layer: τ_{i,ℓ} per task and layer.
         tau: τ_i = τ_{i,ℓ*} per task (the aggregated value, used everywhere).
+        cos: signed cos(v*_ℓ*, c_{i,ℓ*}) per task (cos² = τ_i).
         baseline: which task baseline was used.
     """
 
@@ -464,6 +484,7 @@ class ProbeGeometry:
     separation_held_out: bool
     tau_by_layer: dict[str, dict[int, float]]
     tau: dict[str, float]
+    cos: dict[str, float]
     baseline: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -538,6 +559,7 @@ def probe_tax_rates(
         separation_held_out=held_out,
         tau_by_layer=by_layer,
         tau={t: by[layer] for t, by in by_layer.items()},
+        cos={t: by[layer] for t, by in representation_cosines(v, c).items()},
         baseline="neutral prompt set" if baseline is not None else "grand mean of the task means",
     )
     logger.info("probe tax rates at layer %d (d′ %.2f): %s", layer, sep[layer], result.tau)

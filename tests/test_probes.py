@@ -183,6 +183,11 @@ def test_probe_tax_rates_uses_selected_layer_everywhere(tok):
     assert r.separation_held_out and r.layers == [1, 2]
     assert r.separation[2] > r.separation[1] and r.layer == 2  # the noisier layer 1 separates worse
     assert r.tau == {t: r.tau_by_layer[t][r.layer] for t in tasks}
+    for t in tasks:
+        assert r.cos[t] ** 2 == pytest.approx(r.tau[t], abs=1e-9)
+    # two tasks, grand-mean baseline: c_aligned ∝ u − (cos60° u + sin60° w), at cos 1/2 to +u; c_sixty = −c_aligned
+    assert r.cos["aligned"] == pytest.approx(0.5, abs=0.05)
+    assert r.cos["sixty"] == pytest.approx(-r.cos["aligned"], abs=1e-6)
     logs = probes.tax_rate_logs(r)
     assert logs["degradation/tau_repr/aligned"] == r.tau["aligned"]
     assert logs["degradation/tau_repr_layer"] == float(r.layer)
