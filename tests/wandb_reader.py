@@ -11,6 +11,7 @@ Checksums are not verified (the test reads a file written a second earlier).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,30 @@ def read_records(path: str | Path) -> list[Any]:
     return out
 
 
+def read_finished_records(path: str | Path, wait_seconds: float = 120.0) -> list[Any]:
+    """Like :func:`read_records`, once the run's ``exit`` record is in the file.
+
+    ``wandb.finish()`` can return before wandb's service process has flushed the log to disk (seen
+    on a loaded 2-core machine: the file read back with 0 history rows, then all of them a moment
+    later). The ``exit`` record is the last one wandb writes, so its presence means the log is
+    complete; this waits for it (a synchronisation, not a timing assertion) and raises if it never
+    comes.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        records = read_records(path) if Path(path).exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {wait_seconds:.0f} s; the wandb run never finished")
+        time.sleep(0.5)
+
+
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """The rows passed to ``wandb.log`` (history records), keys joined with '/' and values JSON-decoded."""
+    """The rows passed to ``wandb.log`` (history records) of a finished run, keys joined with '/' and
+    values JSON-decoded."""
     rows = []
-    for record in read_records(path):
+    for record in read_finished_records(path):
         if record.WhichOneof("record_type") != "history":
             continue
         row = {}
