@@ -183,7 +183,9 @@ def residual_activations(
         chat_template: render each prompt as a user turn with the tokenizer's chat template and the
             generation prompt (then no special tokens are added on top, unless ``add_special_tokens``).
         add_special_tokens: passed to the tokenizer; ``None``: the tokenizer's default for plain
-            prompts, ``False`` for chat-templated ones (the template already has them).
+            prompts, ``False`` for chat-templated ones (the template already has them). The probe
+            position is the last token of the encoded prompt, so a tokenizer that appends EOS to
+            every input would be probed at that EOS: pass ``add_special_tokens=False`` then.
         progress: show a tqdm bar over batches.
         name: what the error messages call ``prompts``.
 
