@@ -28,7 +28,10 @@ benchmarks/solver_benchmark.py for the measured cost against the float32 accumul
 
 Everything is pure torch on a list of parameters: no Trainer, so it can be tested and reused
 with any optimizer loop. Under DDP every rank holds identical parameters, updates and
-directions, so every rank computes the identical Gram matrix and coefficients.
+directions, so every rank computes the identical Gram matrix and coefficients. Under FSDP2
+(DTensor parameters) use :class:`frontier_trainer.distributed.ShardedUpdateProjector`, which
+runs this class on the local shards and all-reduces each Gram vector; this class refuses
+DTensors rather than compute per-shard inner products.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from frontier_trainer import geometry, rules
 
@@ -104,6 +108,12 @@ class UpdateProjector:
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("params is empty: there are no trainable parameters to project")
+        if any(isinstance(p, DTensor) for p in self.params):
+            raise ValueError(
+                "the parameters are FSDP2 DTensors (sharded): UpdateProjector works on whole tensors and would "
+                "compute per-shard inner products. Use frontier_trainer.distributed.ShardedUpdateProjector "
+                "(or make_projector), which all-reduces them."
+            )
         for i, p in enumerate(self.params):
             if p.dtype not in (torch.float32, torch.float64):
                 raise ValueError(
