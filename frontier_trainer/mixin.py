@@ -131,7 +131,8 @@ def as_frontier_args(args: Any, model: Any, config_class: type | None) -> Fronti
         )
         suffix = config_class.__name__.removesuffix("Config").removesuffix("Arguments")
         return config_class(output_dir=f"{str(name).split('/')[-1] or 'model'}-{suffix}")
-    if isinstance(args, config_class.__mro__[1:]) and dataclasses.is_dataclass(args):
+    bases = tuple(c for c in config_class.__mro__[1:] if c not in (FrontierArguments, object))
+    if isinstance(args, bases) and dataclasses.is_dataclass(args):
         own = {f.name for f in dataclasses.fields(config_class)}
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         if set(values) <= own:
