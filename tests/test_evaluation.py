@@ -269,6 +269,7 @@ def test_evaluate_model_lab_planted_refuser(tok) -> None:
     prov = report.provenance
     assert prov["suite"] == "lab" and prov["split"] == "test" and len(prov["model"]["sha256"]) == 64
     assert prov["packages"]["lm_eval"] and prov["capability_tasks"]["arithmetic"]["n"] == 6
+    assert prov["safety_sets"]["harmful/lab"]["n"] == 6 and len(prov["nll_sets"]["sort"]["sha256"]) == 64
 
 
 def test_evaluate_model_lab_planted_answers(tok) -> None:
@@ -364,3 +365,20 @@ def test_kl_and_nll_per_item_agree_with_the_pooled_metrics(tok) -> None:
         kl_to_base_per_prompt(model, tok, [], base_model=base)
     with pytest.raises(ValueError, match="base_model="):
         kl_to_base_per_prompt(model, tok, prompts)
+
+
+@pytest.mark.slow
+def test_lab_suite_lm_eval_agrees_with_the_lab_exact_match() -> None:
+    """On the pretrained lab model, lm-eval's per-document exact match equals the lab's own is_correct."""
+    from frontier_trainer.lab.evaluation import generate_responses, is_correct
+
+    model, tok = lab.load(lab.pretrain())
+    suite = LabSuite(n=40)
+    tasks = suite.capability_tasks("test", None)
+    scored = run_tasks(model, tok, tasks, batch_size=16)
+    for task in tasks:
+        prompts = [d["query"] for d in task.docs]
+        responses = generate_responses(model, tok, prompts, max_new_tokens=16, progress=False)
+        own = [float(is_correct(r, d["answer"])) for r, d in zip(responses, task.docs, strict=True)]
+        assert scored[task.name] == own, task.name
+    assert sum(map(sum, scored.values())) > 0  # the pretrained model gets some right

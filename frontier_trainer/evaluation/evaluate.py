@@ -17,6 +17,7 @@ Per metric (keys of ``Report.metrics`` and ``Report.samples``):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import time
@@ -56,6 +57,11 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         n_params += t.numel()
     return {"sha256": digest.hexdigest(), "class": type(model).__name__, "numel": n_params}
+
+
+def _sha256_json(items: Any) -> str:
+    """SHA-256 of a JSON-serialisable set of items (canonical JSON): the exact data a metric used."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _positive(name: str, value: int) -> int:
@@ -143,7 +149,8 @@ def evaluate_model(
 
     # Completion NLL (the trainer's own capability metric).
     t0 = time.perf_counter()
-    for name, pairs in the_suite.nll_sets(split, limit).items():
+    nll_sets = the_suite.nll_sets(split, limit)
+    for name, pairs in nll_sets.items():
         if not pairs:
             raise ValueError(
                 f"suite {the_suite.name!r}: NLL set {name!r} ({split}) is empty; check its data."
@@ -172,7 +179,8 @@ def evaluate_model(
         "batch_size": batch_size,
         "seed": seed,
         "sizes": {k: len(v) for k, v in samples.items()},
-        "safety_sets": {k: len(v) for k, v in sets.items()},
+        "safety_sets": {k: {"n": len(v), "sha256": _sha256_json(v)} for k, v in sets.items()},
+        "nll_sets": {k: {"n": len(v), "sha256": _sha256_json(v)} for k, v in nll_sets.items()},
         "capability_tasks": {
             t.name: {
                 "n": len(t.docs),
