@@ -1,4 +1,5 @@
-"""Run under ``torchrun --nproc_per_node 2``: FrontierDPOTrainer on CPU/gloo DDP.
+"""Run under ``torchrun --nproc_per_node 2``: FrontierDPOTrainer (or, with a 4th argument
+``grpo``, FrontierGRPOTrainer with a refusal reward) on CPU/gloo DDP.
 
 Writes ``rank<r>.json`` with a SHA-256 of the trainable parameters after every optimizer step
 (and the measured leak), so the test can check that both replicas stay byte-identical.
@@ -16,24 +17,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from datasets import Dataset
 from tiny import build_tokenizer, capability_datasets, preference_dataset
 
-from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer, FrontierGRPOConfig, FrontierGRPOTrainer
+
+
+def refusal_reward(prompts: list, completions: list, **kwargs) -> list[float]:
+    """Refusal words rewarded on the harmful prompts (a small length term keeps rewards varied)."""
+    return [
+        sum(w in ("refuse", "sorry") for w in str(c).split()) + 0.01 * len(str(c).split())
+        for c in completions
+    ]
 
 
 def main() -> None:
     model_dir, out_dir, projection = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    kind = sys.argv[4] if len(sys.argv) > 4 else "dpo"
+    base = FrontierGRPOTrainer if kind == "grpo" else FrontierDPOTrainer
     rank = int(os.environ.get("RANK", "0"))
     records: list[dict] = []
 
-    class Recording(FrontierDPOTrainer):
+    class Recording(base):
         def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
             super()._after_optimizer_step(optimizer, args, kwargs)
             params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
             digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
-            records.append({"step": self.state.global_step, "sha256": digest, "leak": self._last_report.realised_leak})
+            records.append(
+                {"step": self.state.global_step, "sha256": digest, "leak": self._last_report.realised_leak}
+            )
 
-    args = FrontierDPOConfig(
+    settings = dict(
         output_dir=str(out_dir / "run"),
         max_steps=4,
         per_device_train_batch_size=2,
@@ -53,13 +67,17 @@ def main() -> None:
         capability_batch_size=4,
         seed=0,
     )
-    trainer = Recording(
-        model=model_dir,
-        args=args,
-        train_dataset=preference_dataset(32),
-        processing_class=build_tokenizer(),
-        capability_datasets=capability_datasets(),
-    )
+    common = dict(processing_class=build_tokenizer(), capability_datasets=capability_datasets())
+    if kind == "grpo":
+        settings.update(per_device_train_batch_size=4, num_generations=4, max_completion_length=6)
+        prompts = Dataset.from_list([{"prompt": f"harm w{i} =>"} for i in range(32)])
+        args = FrontierGRPOConfig(**settings)
+        trainer = Recording(
+            model=model_dir, reward_funcs=refusal_reward, args=args, train_dataset=prompts, **common
+        )
+    else:
+        args = FrontierDPOConfig(**settings)
+        trainer = Recording(model=model_dir, args=args, train_dataset=preference_dataset(32), **common)
     assert trainer.args.world_size == 2, f"expected 2 processes, got {trainer.args.world_size}"
     trainer.train()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(records))
