@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from frontier_trainer.self_completion import complete_rows, is_prompt_only
 from frontier_trainer.sources import load_capability_source
 
 logger = logging.getLogger(__name__)
@@ -155,10 +156,49 @@ def _string_column(task: str, dataset: datasets.Dataset, column: str) -> list[st
         if not isinstance(value, str):
             raise ValueError(
                 f"capability_datasets[{task!r}]: column {column!r} row {index} is "
-                f"{type(value).__name__} ({value!r:.60}), expected a string. Conversational "
-                "(message-list) rows are not supported: render them to text first."
+                f"{type(value).__name__} ({value!r:.60}), expected a string. Give conversational "
+                "rows as a 'messages' column (scored with the chat template)."
             )
     return values
+
+
+def conversations_to_prompt_completion(task: str, dataset: datasets.Dataset, tokenizer: Any) -> datasets.Dataset:
+    """Render conversational rows (``messages`` ending with an assistant turn) with the chat template.
+
+    Why: DPO trains on conversations in the chat-template format, so the capability a user protects
+    must be scored in that format (issue 15 §3). The prompt is
+    ``apply_chat_template(messages[:-1], add_generation_prompt=True)``; the completion is the rest of
+    ``apply_chat_template(messages)`` after that prompt (the answer and the template's end-of-turn
+    text), or the assistant's content when the full rendering does not start with the prompt.
+
+    Raises:
+        ValueError: naming the task, when the tokenizer has no chat template, or a row is not a
+            non-empty list of ``{"role", "content"}`` messages ending with an assistant turn.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"capability_datasets[{task!r}]: conversational rows ('messages') are scored with the chat template, "
+            "but the tokenizer has none; set tokenizer.chat_template or give prompt/completion rows."
+        )
+    rows: list[dict[str, str]] = []
+    for index, messages in enumerate(dataset["messages"]):
+        valid = (
+            isinstance(messages, Sequence)
+            and len(messages) >= 2
+            and all(isinstance(m, Mapping) and isinstance(m.get("content"), str) for m in messages)
+        )
+        if not valid or messages[-1].get("role") != "assistant":
+            raise ValueError(
+                f"capability_datasets[{task!r}]: column 'messages' row {index} must be a list of at least two "
+                "{'role', 'content'} messages ending with an 'assistant' turn (a conversation ending with a user "
+                "turn is prompt-only: the trainer completes it with the model itself, for the whole source)."
+            )
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        prompt = tokenizer.apply_chat_template(clean[:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(clean, tokenize=False)
+        completion = full[len(prompt) :] if full.startswith(prompt) else clean[-1]["content"]
+        rows.append({"prompt": prompt, "completion": completion})
+    return datasets.Dataset.from_list(rows)
 
 
 def tokenize_capability_dataset(
@@ -182,6 +222,8 @@ def tokenize_capability_dataset(
       completion to avoid it. A leading BOS is part of the common prefix, so it is masked.
     * ``{"text"}``: ``labels == input_ids``; every token is scored except the first, which
       no position predicts (the metric uses the next-token shift).
+    * ``{"messages"}`` ending with an assistant turn: rendered with the chat template by
+      :func:`conversations_to_prompt_completion`, then scored as prompt/completion.
 
     ``max_length`` (the trainer's ``capability_max_length``) is applied to the full
     sequence; longer rows are dropped, not truncated, with a logged count, because
@@ -198,6 +240,11 @@ def tokenize_capability_dataset(
     if max_length is not None and max_length < 2:
         raise ValueError(f"capability_max_length must be at least 2 or None, got {max_length}.")
     columns = list(dataset.column_names)
+    if "messages" in columns and not ({"prompt", "completion"} <= set(columns) or "text" in columns):
+        if len(dataset) == 0:
+            raise ValueError(f"capability_datasets[{task!r}]: the dataset is empty (0 rows).")
+        dataset = conversations_to_prompt_completion(task, dataset, tokenizer)
+        columns = list(dataset.column_names)
     if {"prompt", "completion"} <= set(columns):
         kind = "prompt/completion"
     elif "text" in columns:
@@ -459,6 +506,49 @@ class CapabilitySampler:
                     self._epoch[task],
                 )
                 self._cursor[task] = 0
+
+
+def complete_prompt_only_sources(
+    capability_datasets: Mapping[str, str | os.PathLike | datasets.Dataset]
+    | Sequence[tuple[str, str | os.PathLike | datasets.Dataset]],
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    max_new_tokens: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, str | os.PathLike | datasets.Dataset]:
+    """Complete every prompt-only capability source once with ``model`` itself (issue 15 §3).
+
+    A source whose rows have only ``prompt`` (or ``messages`` ending with a user turn) has no
+    answer to protect; its rows become ``prompt``/``completion`` rows with the model's own greedy
+    answers (:func:`frontier_trainer.self_completion.complete_rows`, cached with provenance under
+    ``$FRONTIER_TRAINER_CACHE/completions``), so the null-space step keeps what the model would
+    have said — e.g. its helpful answers to benign prompts (over-refusal). Other sources are
+    returned unchanged (not loaded twice: only prompt-only ones are replaced by a Dataset).
+
+    Called by the trainer after the model is built and before the capability sampler, so the
+    degradation tracker and the sampler see the same completed rows.
+
+    Raises:
+        ValueError: naming the task, for an empty prompt, or a source mixing prompt-only and
+            completed rows (before any training).
+    """
+    out: dict[str, str | os.PathLike | datasets.Dataset] = {}
+    for task, source in _as_pairs(capability_datasets):
+        dataset = load_capability_source(task, source, split=split)
+        if is_prompt_only(task, dataset):
+            out[task] = complete_rows(
+                task,
+                dataset,
+                model,
+                tokenizer,
+                max_new_tokens=max_new_tokens,
+                cache_dir=cache_dir,
+            )
+        else:
+            out[task] = source
+    return out
 
 
 def build_capability_sampler(

@@ -53,10 +53,14 @@ def test_prompt_only_detection_and_mixing_refused():
 def test_completions_are_the_models_own_greedy_answers(tiny, tmp_path):
     model, tok = tiny
     data = Dataset.from_list([{"prompt": p} for p in PROMPTS])
-    done = self_completion.complete_rows("copy", data, model, tok, max_new_tokens=6, batch_size=2, cache_dir=tmp_path)
+    done = self_completion.complete_rows(
+        "copy", data, model, tok, max_new_tokens=6, batch_size=2, cache_dir=tmp_path
+    )
     assert done.column_names == ["prompt", "completion"] and len(done) == len(PROMPTS)
     for prompt, row in zip(PROMPTS, done, strict=True):
-        rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         assert row["prompt"] == rendered  # scored in the chat format DPO trains with
         assert row["completion"] == _manual_greedy(model, tok, rendered, 6)
     # the rows feed the capability sampler as ordinary prompt/completion rows, completion tokens scored
@@ -109,3 +113,70 @@ def test_bad_prompt_only_sources_are_refused_naming_the_task(tiny, tmp_path):
         self_completion.complete_rows("chat", convo, model, tok, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="empty"):
         self_completion.complete_rows("benign", Dataset.from_list([]), model, tok, cache_dir=tmp_path)
+
+
+def test_prompt_only_sources_are_completed_and_others_kept(tiny, tmp_path, monkeypatch):
+    """complete_prompt_only_sources (the trainer's construction path): only prompt-only sources are
+    replaced, by the model's own answers, and a second call reads the cache instead of generating."""
+    from frontier_trainer.directions import complete_prompt_only_sources
+
+    model, tok = tiny
+    calls = []
+    real = self_completion.greedy_continuations
+    monkeypatch.setattr(
+        self_completion, "greedy_continuations", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    answered = Dataset.from_list([{"prompt": "copy w1 =>", "completion": " w1"}])
+    sources = {"benign": Dataset.from_list([{"prompt": p} for p in PROMPTS]), "copy": answered}
+    done = complete_prompt_only_sources(sources, model, tok, max_new_tokens=3, cache_dir=tmp_path)
+    assert done["copy"] is answered and len(calls) == 1
+    assert done["benign"].column_names == ["prompt", "completion"]
+    assert [r["completion"] for r in done["benign"]] == [
+        _manual_greedy(model, tok, r["prompt"], 3) for r in done["benign"]
+    ]
+    again = complete_prompt_only_sources(sources, model, tok, max_new_tokens=3, cache_dir=tmp_path)
+    assert len(calls) == 1 and again["benign"].to_list() == done["benign"].to_list()
+    with pytest.raises(ValueError, match=r"capability_datasets\['benign'\]: row 0 has an empty 'prompt'"):
+        complete_prompt_only_sources(
+            {"benign": Dataset.from_list([{"prompt": ""}])}, model, tok, cache_dir=tmp_path
+        )
+
+
+def test_conversational_rows_scored_with_the_chat_template(tiny):
+    """messages ending with an assistant turn: the prompt is the template's generation prompt and
+    exactly the rest of the rendered conversation is scored (the answer and the template's end of
+    turn, nothing of the user turn); a template whose full rendering does not extend the generation
+    prompt falls back to scoring the assistant's content after that prompt."""
+    model, tok = tiny
+    convo = [{"role": "user", "content": "copy w3"}, {"role": "assistant", "content": "w3 w4"}]
+    chat_tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    chat_tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} {% else %}=> {{ m['content'] }} "
+        "<eos> {% endif %}{% endfor %}{% if add_generation_prompt %}=> {% endif %}"
+    )
+    rows = tokenize_capability_dataset(
+        "chat", Dataset.from_list([{"messages": convo}]), chat_tok, max_length=None
+    )
+    assert rows[0]["input_ids"] == chat_tok("copy w3 => w3 w4 <eos> ")["input_ids"]
+    scored = [
+        t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    assert chat_tok.decode(scored).split() == ["w3", "w4", "<eos>"]
+    # the tiny template renders 'assistant w3 w4', which does not extend 'user copy w3 => '
+    rows = tokenize_capability_dataset("chat", Dataset.from_list([{"messages": convo}]), tok, max_length=None)
+    assert rows[0]["input_ids"] == tok("user copy w3 => w3 w4")["input_ids"]
+    scored = [
+        t for t, label in zip(rows[0]["input_ids"], rows[0]["labels"], strict=True) if label != IGNORE_INDEX
+    ]
+    assert tok.decode(scored).split() == ["w3", "w4"]
+    bad = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "w1"}, {"role": "user", "content": "w2"}]}]
+    )
+    with pytest.raises(ValueError, match=r"capability_datasets\['chat'\]: column 'messages' row 0"):
+        tokenize_capability_dataset("chat", bad, tok, max_length=None)
+    no_template = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match=r"capability_datasets\['chat'\].*no(ne)? chat template|has none"):
+        tokenize_capability_dataset(
+            "chat", Dataset.from_list([{"messages": convo}]), no_template, max_length=None
+        )
