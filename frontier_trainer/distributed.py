@@ -400,8 +400,11 @@ def _on_cpu(args: Any) -> bool:
     )
 
 
-def check_fsdp_arguments(args: Any) -> None:
+def check_fsdp_arguments(args: Any, *, on_accelerator: bool | None = None) -> None:
     """Refuse, before the model is built, FSDP/DeepSpeed settings the projection cannot hold under.
+
+    ``on_accelerator``: whether the run will have a GPU; None decides from ``use_cpu`` and this
+    machine (a dry run of a GPU recipe on a CPU machine passes True).
 
     Raises:
         ValueError: DeepSpeed (why, and FSDP2 instead); ``fsdp`` (or ``accelerate launch
@@ -416,7 +419,7 @@ def check_fsdp_arguments(args: Any) -> None:
         if getattr(args, "fsdp", None)
         else "accelerate launch --use_fsdp (ACCELERATE_USE_FSDP=true)"
     )
-    if _on_cpu(args):
+    if (not on_accelerator) if on_accelerator is not None else _on_cpu(args):
         what = (
             "transformers/accelerate then run plain DDP (accelerate never promotes a CPU run to FSDP)"
             if getattr(args, "fsdp", None)

@@ -12,13 +12,14 @@ FSDP2 weights from DDP's. Then a resume: 2 steps, a ``torch.distributed.checkpoi
 optimizer plus the projector's per-rank state, a fresh model restored from it, 2 more steps,
 compared with the uninterrupted 4.
 
-``fsdp_worker.py trainer MODEL_DIR OUT_DIR PROJECTION`` trains FrontierDPOTrainer on a model
-sharded at load time (``DistributedConfig(fsdp_size=2)``) and then, in the same processes, on the
-plain model under DDP, and records the final weights' relative difference, the coefficients on
-each rank and the realised leak against directions computed on a gathered copy.
+``fsdp_worker.py trainer MODEL_DIR OUT_DIR`` trains FrontierDPOTrainer (null space, then
+frontier) on a model sharded at load time (``DistributedConfig(fsdp_size=2)``) and then, in the
+same processes, on the plain model under DDP, and records the final weights' relative
+difference, the coefficients on each rank and the realised leak against directions computed on a
+gathered copy from the very capability batches the trainer drew.
 
-``fsdp_worker.py refuse-cpu-fsdp MODEL_DIR OUT_DIR`` constructs the trainer with
-``fsdp="full_shard"`` + ``fsdp_version 2`` + ``use_cpu`` and records the error.
+``fsdp_worker.py construct MODEL_DIR OUT_DIR JSON`` constructs the trainer with the JSON config
+overrides (e.g. under ``accelerate launch --use_fsdp``) and records the error, if any.
 
 Every rank writes ``OUT_DIR/<mode>.rank<r>.json`` with everything the test asserts, and
 ``"complete": true`` last, BEFORE the process exits: multi-process CPU runs sometimes abort at
@@ -28,7 +29,7 @@ exit after finishing (field notes §4), and the test trusts a complete result fi
 from __future__ import annotations
 
 import json
-import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_tokenizer, capability_datasets
+from tiny import build_tokenizer, capability_datasets, preference_dataset
 
 from frontier_trainer.directions import build_capability_sampler, capability_gradients, completion_metric
 from frontier_trainer.distributed import (
@@ -203,7 +204,29 @@ def run_raw(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
             "full_bytes": sum(p.numel() * p.element_size() for p in plain_params),
         }
     result["resume"] = run_resume(model_dir, out, rank, tok)
+    result["refusals"] = refusals(model_dir)
     return result
+
+
+def refusals(model_dir: str) -> dict[str, str | None]:
+    """The errors of projecting DTensors with UpdateProjector and of a partly sharded parameter set."""
+    from frontier_trainer.distributed import shard_group
+
+    model = shard(load_plain(model_dir))
+    params = list(model.parameters())
+    out: dict[str, str | None] = {}
+    for name, attempt in {
+        "update_projector_on_dtensors": lambda: UpdateProjector(params),
+        "partly_sharded": lambda: shard_group(
+            [params[0], torch.nn.Parameter(torch.zeros(3))], ["a", "b.weight"]
+        ),
+    }.items():
+        try:
+            attempt()
+            out[name] = None
+        except ValueError as err:
+            out[name] = str(err)
+    return out
 
 
 def run_resume(model_dir: str, out: Path, rank: int, tok: Any) -> dict[str, Any]:
@@ -264,22 +287,172 @@ def run_resume(model_dir: str, out: Path, rank: int, tok: Any) -> dict[str, Any]
     }
 
 
+def trainer_args(out: Path, projection: str, **overrides: Any) -> Any:
+    from frontier_trainer import FrontierDPOConfig
+
+    values: dict[str, Any] = dict(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        logging_steps=1,
+        ddp_backend="gloo",
+        projection=projection,
+        capability_tolerance=TOLERANCE,
+        capability_refresh_steps=2,
+        capability_batch_size=4,
+        degradation_tracking=False,
+        seed=0,
+    )
+    values.update(overrides)
+    return FrontierDPOConfig(**values)
+
+
+def recording_trainer(model_dir: str) -> type:
+    """FrontierDPOTrainer that records, per step, the coefficients and the leak against
+    directions this worker computes on a gathered copy from the very batches the trainer drew."""
+    from frontier_trainer import FrontierDPOTrainer
+
+    class Recording(FrontierDPOTrainer):
+        records: list[dict[str, Any]]
+
+        def _params(self) -> list[torch.Tensor]:
+            return [p for p in self._unwrapped_model().parameters() if p.requires_grad]
+
+        def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+            if not hasattr(self, "records"):
+                self.records, self._gathered = [], []
+                sampler = self.capability_sampler
+                draw = sampler.next_batch
+
+                def recorded(task: str, device: Any = None) -> dict:
+                    batch = draw(task, device)
+                    self._drawn.append({k: v.detach().clone() for k, v in batch.items()})
+                    return batch
+
+                sampler.next_batch = recorded  # type: ignore[method-assign]
+            self._drawn: list[dict] = []
+            self._theta_before = full(self._params())
+            super()._before_optimizer_step(optimizer, args, kwargs)
+            if self._drawn:
+                self._gathered = [gathered_direction(model_dir, self._theta_before, b) for b in self._drawn]
+
+        def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+            super()._after_optimizer_step(optimizer, args, kwargs)
+            delta = full(self._params()) - self._theta_before
+            report = self._last_report
+            self.records.append(
+                {
+                    "step": self.state.global_step,
+                    "coefficients": report.coefficients,
+                    "realised_leak": report.realised_leak,
+                    "gathered_leak": [cos(g, delta) for g in self._gathered],
+                    "gathered_signed": [
+                        float(g @ delta) / (float(g.norm()) * report.raw_norm) for g in self._gathered
+                    ],
+                    "projector": type(self.projector).__name__,
+                }
+            )
+
+    return Recording
+
+
+def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
+    """Per projection mode: FrontierDPOTrainer on a model sharded at load time, then on the plain
+    model under DDP, in the same processes; then the tracker refusal under FSDP2."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    def sharded() -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=2)
+        )
+
+    cls = recording_trainer(model_dir)
+    theta0 = full(list(load_plain(model_dir).parameters()))
+    result: dict[str, Any] = {"modes": {}}
+    for projection in ("nullspace", "frontier"):
+        runs = {}
+        for kind in ("fsdp", "ddp"):
+            trainer = cls(
+                model=sharded() if kind == "fsdp" else model_dir,
+                args=trainer_args(out / f"{projection}-{kind}", projection),
+                train_dataset=preference_dataset(32),
+                processing_class=build_tokenizer(),
+                capability_datasets=capability_datasets(),
+            )
+            assert trainer.args.world_size == 2, trainer.args.world_size
+            trainer.train()
+            params = [p for p in trainer._unwrapped_model().parameters() if p.requires_grad]
+            runs[kind] = {
+                "theta": full(params),
+                "records": trainer.records,
+                "bytes": trainer.peak_state_bytes,
+            }
+        theta_f, theta_d = runs["fsdp"]["theta"], runs["ddp"]["theta"]
+        result["modes"][projection] = {
+            "rel_diff_vs_ddp": float((theta_f - theta_d).norm() / theta_d.norm()),
+            "moved_rel": float((theta_d - theta0).norm() / theta0.norm()),
+            "fsdp": runs["fsdp"]["records"],
+            "ddp": runs["ddp"]["records"],
+            "peak_state_bytes": {k: v["bytes"] for k, v in runs.items()},
+        }
+    try:
+        cls(
+            model=sharded(),
+            args=trainer_args(out / "tracking", "nullspace", degradation_tracking=True),
+            train_dataset=preference_dataset(8),
+            processing_class=build_tokenizer(),
+            capability_datasets=capability_datasets(),
+        )
+        result["tracking_error"] = None
+    except ValueError as err:
+        result["tracking_error"] = str(err)
+    return result
+
+
+def run_construct(model_dir: str, out: Path, rank: int, overrides: str) -> dict[str, Any]:
+    """Build the trainer with ``overrides`` (JSON) on the plain model; record the error, if any."""
+    cls = recording_trainer(model_dir)
+    try:
+        trainer = cls(
+            model=model_dir,
+            args=trainer_args(out / "construct", "nullspace", **json.loads(overrides)),
+            train_dataset=preference_dataset(8),
+            processing_class=build_tokenizer(),
+            capability_datasets=capability_datasets(),
+        )
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": None, "num_processes": trainer.accelerator.num_processes}
+
+
 def main() -> None:
     mode, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
     if mode == "raw":
+        dist.init_process_group("gloo")
         result = run_raw(model_dir, out, rank)
+    elif mode.startswith("trainer"):
+        result = run_trainer(model_dir, out, rank)
+    elif mode.startswith("construct"):
+        result = run_construct(model_dir, out, rank, sys.argv[4])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     result["rank"] = rank
     result["complete"] = True
-    (out / f"{mode}.rank{rank}.json").write_text(
-        json.dumps(result, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-    )
-    dist.barrier()
-    dist.destroy_process_group()
+    (out / f"{mode}.rank{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
