@@ -52,6 +52,18 @@ LAB = "lab"
 """The value of ``model_name_or_path`` / ``dataset_name`` that selects the built-in lab."""
 LAB_PREFIX = "lab:"
 """Prefix of a capability source naming a lab task, e.g. ``lab:arithmetic``."""
+LAB_BENIGN = "lab:benign"
+"""Prompt-only capability source: the lab's benign look-alike prompts of the split (train for
+directions; the lab's over-refusal is measured on the eval split, disjoint by the world's
+split rule). The trainer completes them with the model itself (issue 15 §3), so protecting them
+keeps the model's own answers to benign requests that look like harmful ones."""
+REAL_BENIGN = "real:benign"
+"""Prompt-only capability source for real models: BIG-bench ``general_knowledge`` questions of
+the split (``directions`` 40%), completed by the model itself. Chosen because the real suite's
+benign and look-alike over-refusal sets are pyrit requests and StrategyQA questions, all of which
+the suite partitions into its validation/test sets: general_knowledge is disjoint from both by
+construction, so protecting it never trains on an evaluation prompt."""
+REAL_BENIGN_SOURCE = "real:bigbench/general_knowledge"
 SOURCE_KEYS = ("path", "name", "split", "prompt", "completion", "text", "separator")
 """Keys of a capability source given as a mapping."""
 
@@ -263,6 +275,15 @@ class SourceScheme:
         raise self._unsupported(key, str(spec["path"]), "capability data")
 
 
+def benign_question(prompt: str) -> str:
+    """The plain question of a BIG-bench multiple-choice prompt (``"Q: <question>\\n  choice: ...\\nA:"``
+    -> ``"<question>"``): a benign request as a user would type it, for :data:`REAL_BENIGN`."""
+    question = prompt.split("\n  choice:")[0].strip()
+    if question.endswith("A:"):
+        question = question[: -len("A:")].strip()
+    return question[len("Q:") :].strip() if question.startswith("Q:") else question
+
+
 def _real_cached(key: str, value: str) -> bool:
     from frontier_trainer.real import sources as real_sources
 
@@ -327,9 +348,17 @@ class LabScheme(SourceScheme):
 
         path = str(spec["path"])
         lab_task = path[len(LAB_PREFIX) :]
-        if not path.startswith(LAB_PREFIX) or lab_task not in lab.TASKS:
-            raise InputError(f"{key}: unknown lab task {lab_task!r}; choose from {list(lab.TASKS)}.")
         split = self.capability_split(spec.get("split"), eval_split)
+        if path == LAB_BENIGN:
+            try:
+                prompts = list(lab.helpfulness_dataset(split)["prompt"])
+            except ValueError as err:
+                raise InputError(f"{key}: {err}") from None
+            return Resolved(key, path, self.name, OK, split=split, data=datasets.Dataset.from_dict({"prompt": prompts}))
+        if not path.startswith(LAB_PREFIX) or lab_task not in lab.TASKS:
+            raise InputError(
+                f"{key}: unknown lab task {lab_task!r}; choose from {[*lab.TASKS, LAB_BENIGN[len(LAB_PREFIX):]]}."
+            )
         try:
             data = lab.capability_datasets(split, tasks=[lab_task])[lab_task]
         except ValueError as err:
@@ -390,6 +419,15 @@ class RealScheme(SourceScheme):
 
         path = str(spec["path"])
         split = self.capability_split(spec.get("split"), eval_split)
+        if path == REAL_BENIGN:
+            if offline and not _real_cached(key, REAL_BENIGN_SOURCE):
+                return Resolved(key, path, self.name, OFFLINE, self._fetch, split=split)
+            try:
+                rows = real_sources.capability_dataset(REAL_BENIGN_SOURCE, split)
+            except ValueError as err:
+                raise InputError(f"{key}: {err}") from None
+            data = datasets.Dataset.from_dict({"prompt": [benign_question(p) for p in rows["prompt"]]})
+            return Resolved(key, path, self.name, OK, split=split, data=data)
         if offline and not _real_cached(key, path):
             return Resolved(key, path, self.name, OFFLINE, self._fetch, split=split)
         try:

@@ -184,3 +184,36 @@ def test_mapping_sources_and_bad_specs(tmp_path: Path) -> None:
         )
     with pytest.raises(src.InputError, match=r"capability_datasets\['math'\]: expected a path"):
         src.resolve_capabilities("capability_datasets", {"math": 3}, eval_split=False, offline=True)
+
+
+def test_benign_sources_are_prompt_only_and_disjoint_from_evaluation() -> None:
+    """lab:benign: the lab's look-alike prompts (prompt column only, so the trainer completes them
+    with the model itself), train and eval splits disjoint, eval being what over-refusal uses."""
+    from frontier_trainer.self_completion import is_prompt_only
+
+    train = directions_loader("benign", src.LAB_BENIGN)
+    held_out = directions_loader("benign", src.LAB_BENIGN, split="test")
+    assert train.column_names == ["prompt"] and is_prompt_only("benign", train)
+    assert list(train["prompt"]) == list(lab.helpfulness_dataset("train")["prompt"])
+    assert list(held_out["prompt"]) == list(lab.helpfulness_dataset("eval")["prompt"])
+    assert not set(train["prompt"]) & set(held_out["prompt"])
+    with pytest.raises(src.InputError, match=r"unknown lab task 'benign2'.*'benign'"):
+        directions_loader("benign", "lab:benign2")
+
+
+def test_benign_question_strips_the_multiple_choice_frame() -> None:
+    assert src.benign_question("Q: How many legs do horses have?\n  choice: four\n  choice: six\nA:") == (
+        "How many legs do horses have?"
+    )
+    assert src.benign_question("What is a wheel?") == "What is a wheel?"
+
+
+def test_real_benign_resolves_offline_without_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """real:benign needs the BIG-bench wheel; offline and uncached it is reported, not fetched."""
+    from frontier_trainer.real import sources as real_sources
+
+    monkeypatch.setattr(real_sources, "is_cached", lambda value, cache_dir=None: False)
+    (resolved,) = src.resolve_capabilities(
+        "capability_datasets", {"benign": src.REAL_BENIGN}, eval_split=False, offline=True
+    )
+    assert resolved.status == src.OFFLINE and resolved.split == "directions"
