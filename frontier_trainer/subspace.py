@@ -18,10 +18,12 @@ rows and a shrink by the smallest (``m``-th) eigenvalue whenever the sketch is f
 ``0 ⪯ AᵀA − BᵀB`` and ``‖AᵀA − BᵀB‖₂ ≤ ‖A − A_k‖_F² / ℓ`` — the error is the tail energy beyond
 rank ``k`` shared over the ``ℓ`` spare rows.
 
-Memory (documented, tested in tests/test_subspace.py): at most ``k + ℓ`` sketch rows plus one
-running sum of the gradients (used only to orient each direction so that it improves the metric),
-i.e. ``(k + ℓ + 1)×`` the trainable-parameter bytes, against ``k×`` (+1 while the next gradient is
-computed) for the batch estimator; with the default ``ℓ = 1`` that is ``(k + 2)×``. Every operation
+Memory (documented, tested in tests/test_subspace.py): the sketch shrinks as soon as it holds
+``k + ℓ`` rows, so while the next gradient is computed it holds at most ``k + ℓ − 1`` rows, plus
+one running sum of the gradients (used only to orient each direction so that it improves the
+metric): the peak is ``(k + ℓ + 1)×`` the trainable-parameter bytes, counting the incoming
+gradient, against ``(k + 1)×`` for the batch estimator; with the default ``ℓ = 1`` it is
+``(k + 2)×``, one parameter-sized tensor more than the batch estimator. Every operation
 works per parameter tensor (a Gram matrix of ``m × m`` float64 and a rotation applied to one
 parameter's ``m`` rows at a time, in chunks), nothing is concatenated over the model.
 
@@ -40,7 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +73,7 @@ class GradientSketch:
 
     Args:
         rank: ``k``, the directions kept (``capability_rank``).
-        oversample: ``ℓ ≥ 1`` spare rows; the sketch holds at most ``k + ℓ`` rows.
+        oversample: ``ℓ ≥ 1`` spare rows; the sketch shrinks whenever it reaches ``k + ℓ`` rows.
 
     :meth:`add` takes ownership of the gradient tensors (they are scaled in place and become a
     sketch row: no copy). :meth:`directions` rotates the rows onto their principal axes and returns
@@ -83,6 +86,8 @@ class GradientSketch:
     weight_seen: float = 0.0
     _sum: list[torch.Tensor] | None = None
     shrinks: int = 0
+    #: Largest number of bytes held at once by the rows and the orienting sum (counted from the tensors).
+    peak_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -119,9 +124,21 @@ class GradientSketch:
         self._insert([g.mul_(math.sqrt(weight)) for g in grads])
 
     def _insert(self, row: list[torch.Tensor]) -> None:
+        # shrink as soon as the sketch is full, so that it holds at most k + ℓ − 1 rows while the
+        # next gradient is being computed: the peak stays (k + ℓ + 1)× the parameter bytes
+        self.rows.append(row)
+        self._track()
         if len(self.rows) >= self.capacity:
             self._rotate(shrink=True)
-        self.rows.append(row)
+
+    def held_bytes(self) -> int:
+        """Bytes of the sketch rows and the orienting sum."""
+        tensors = [t for row in self.rows for t in row] + list(self._sum or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _track(self, extra: Sequence[torch.Tensor] = ()) -> None:
+        held = self.held_bytes() + sum(t.numel() * t.element_size() for t in extra)
+        self.peak_bytes = max(self.peak_bytes, held)
 
     def gram(self) -> torch.Tensor:
         """``G[i, j] = ⟨row_i, row_j⟩`` in float64 (one pass over the parameters)."""
@@ -245,6 +262,20 @@ def draw_rank_batch(sampler: CapabilitySampler, task: str, device: torch.device 
 # --------------------------------------------------------------------------------------
 
 
+@dataclass
+class SketchResult:
+    """What :func:`sketch_task_directions` returns."""
+
+    directions: list[list[torch.Tensor]]
+    """``rank`` directions, each a list of tensors shaped like the parameters."""
+    values: list[float]
+    """The capability metric of each micro-batch (this rank's rows)."""
+    eigenvalues: list[float]
+    """The sketch's eigenvalues of the weighted second moment, per direction (0 for padding)."""
+    peak_bytes: int
+    """Largest number of bytes the sketch held at once (rows + orienting sum)."""
+
+
 def sketch_task_directions(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -257,16 +288,14 @@ def sketch_task_directions(
     metric: MetricFn = completion_metric,
     previous: Sequence[Sequence[torch.Tensor]] = (),
     ema: float = 0.0,
-    autocast: object | None = None,
-) -> tuple[list[list[torch.Tensor]], list[float], list[float]]:
+    autocast: Callable[[], AbstractContextManager[object]] | None = None,
+) -> SketchResult:
     """Estimate ``task``'s top-``rank`` subspace from ``num_batches`` micro-batch gradients.
 
     Each micro-batch gradient (averaged over ranks under DDP) enters the sketch with weight
-    ``(1 − ema) / num_batches``; ``previous`` directions (consumed, scaled in place) seed it with
+    ``(1 − ema) / num_batches``; ``previous`` directions (consumed: scaled in place) seed it with
     weight ``ema``. ``autocast`` is an optional zero-argument context-manager factory (the trainer's
     ``autocast_smart_context_manager``).
-
-    Returns ``(directions, metric values per micro-batch, eigenvalues)``.
     """
     if num_batches < 1:
         raise ValueError(f"capability_sketch_batches must be >= 1, got {num_batches}.")
@@ -279,17 +308,14 @@ def sketch_task_directions(
     weight = (1.0 - ema) / num_batches
     for _ in range(num_batches):
         batch = draw_rank_batch(sampler, task)
-        if autocast is not None:
-            with autocast():  # type: ignore[operator]
-                value, grads = capability_gradients(model, params, batch, metric=metric)
-        else:
+        with autocast() if autocast is not None else nullcontext():
             value, grads = capability_gradients(model, params, batch, metric=metric)
         all_reduce_mean(grads)
         values.append(float(value))
         sketch.add(grads, weight=weight)
     directions, eigvals = sketch.directions()
     broadcast_from_zero(directions)
-    return directions, values, eigvals
+    return SketchResult(directions, values, eigvals, sketch.peak_bytes)
 
 
 def principal_angle_sines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -307,6 +333,7 @@ def principal_angle_sines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "ESTIMATORS",
     "GradientSketch",
+    "SketchResult",
     "all_reduce_mean",
     "broadcast_from_zero",
     "draw_rank_batch",

@@ -55,9 +55,9 @@ def stack(directions: list[list[torch.Tensor]]) -> torch.Tensor:
 
 
 def test_no_shrink_is_the_exact_svd() -> None:
-    """With no more rows than the capacity the sketch is exact: eigenvalues and span of the SVD."""
+    """With fewer rows than k + ℓ (no shrink) the sketch is exact: eigenvalues and span of the SVD."""
     grads, _ = planted(3, 3, 0.3, seed=0)
-    sketch = sketch_of(grads, k=2, oversample=1, weight=0.25)
+    sketch = sketch_of(grads, k=2, oversample=2, weight=0.25)
     assert sketch.shrinks == 0
     directions, eigvals = sketch.directions()
     expected = torch.linalg.svdvals(grads * 0.5) ** 2
@@ -71,13 +71,15 @@ def test_no_shrink_is_the_exact_svd() -> None:
 @pytest.mark.parametrize("oversample", [1, 2, 4])
 def test_frequent_directions_error_bound(oversample: int) -> None:
     """0 ⪯ AᵀA − BᵀB and ‖AᵀA − BᵀB‖₂ ≤ ‖A − A_k‖_F² / ℓ (FD, Ghashami et al. Thm 1.1), and the
-    sketch never holds more than k + ℓ rows."""
+    sketch holds fewer than k + ℓ rows between insertions."""
     k = 2
     grads, _ = planted(40, 4, 0.5, seed=1)
     sketch = GradientSketch(rank=k, oversample=oversample)
     for row in grads:
         sketch.add(as_list(row.clone()))
-        assert len(sketch.rows) <= k + oversample
+        assert len(sketch.rows) < k + oversample
+    row_bytes = P * 8
+    assert sketch.peak_bytes == (k + oversample + 1) * row_bytes  # k + ℓ rows and the sum, at a shrink
     assert sketch.shrinks > 0
     b = torch.stack([flatten(r).double() for r in sketch.rows])
     err = grads.T @ grads - b.T @ b
@@ -114,7 +116,7 @@ def test_directions_improve_the_metric_on_average() -> None:
     for d in directions:
         assert float(flatten(d).double() @ mean) >= 0
     one = torch.randn(1, P, dtype=torch.float64)
-    directions, eigvals = sketch_of(one.repeat(3, 1), k=2, oversample=2).directions()
+    directions, eigvals = sketch_of(one.repeat(3, 1), k=2, oversample=3).directions()
     assert float(stack(directions)[1].abs().max()) == 0.0 and eigvals[1] == 0.0
     assert float(principal_angle_sines(stack(directions[:1]), one).max()) < 1e-6
 
@@ -123,7 +125,7 @@ def test_ema_seed_mixes_previous_second_moment() -> None:
     """Seeding with previous directions at weight ema estimates ema·S_old + (1−ema)·S_new."""
     old_dir, new_dir = torch.zeros(P, dtype=torch.float64), torch.zeros(P, dtype=torch.float64)
     old_dir[0], new_dir[1] = 2.0, 1.0
-    sketch = GradientSketch(rank=2, oversample=1)
+    sketch = GradientSketch(rank=2, oversample=2)
     sketch.seed([as_list(old_dir.clone())], weight=0.75)
     sketch.add(as_list(new_dir.clone()), weight=0.25)
     directions, eigvals = sketch.directions()
@@ -159,9 +161,10 @@ def test_sketch_directions_are_the_tasks_own_gradients(tmp_path) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = build_capability_sampler(data, tok, max_length=32, batch_size=2, seed=5)
     replay = build_capability_sampler(data, tok, max_length=32, batch_size=2, seed=5)
-    directions, values, eigvals = sketch_task_directions(
-        model, params, sampler, "count", rank=2, num_batches=3, oversample=1
-    )
+    result = sketch_task_directions(model, params, sampler, "count", rank=2, num_batches=3, oversample=2)
+    directions, values, eigvals = result.directions, result.values, result.eigenvalues
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    assert result.peak_bytes == 4 * trainable  # 3 rows (no shrink yet) and the orienting sum
     assert len(values) == 3 and len(directions) == 2
     own = torch.stack(
         [flatten(capability_gradients(model, params, replay.next_batch("count"))[1]).double() for _ in range(3)]
