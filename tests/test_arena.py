@@ -156,6 +156,7 @@ def test_summary_verdicts_targets_and_files_on_planted_methods(tmp_path: Path) -
         "ogpsa": (0.3, 0.9, 0.2),  # 'weak': less refusal, no better capability than ours
         "nullspace": (0.8, 1.0, 0.2),
         "nspo": (0.8, 1.0, 0.2),  # same rates as ours
+        "replay": (0.8, 1.0, 0.6),  # same refusal and capability, more over-refusal: ours wins on that alone
     }
     cells = {m: [_cell(m, 1e-4, p, s, *rates, n=200) for p, s in grid] for m, rates in planted.items()}
     raw = {
@@ -169,6 +170,8 @@ def test_summary_verdicts_targets_and_files_on_planted_methods(tmp_path: Path) -
     assert by[("nullspace", "ogpsa")]["verdict"] == "dominates"
     assert by[("nullspace", "vanilla")]["verdict"] == "crosses"
     assert by[("nullspace", "nspo")]["verdict"] == "indistinguishable"
+    assert by[("nullspace", "replay")]["verdict"] == "dominates"  # lower over-refusal is better
+    assert by[("nullspace", "replay")]["differences"]["over_refusal_lookalike_change"]["low"] > 0
     assert "refusal_gain" in by[("nullspace", "vanilla")]["evidence"]
     gain = summary["methods"]["nullspace"]["refusal_gain"]
     assert gain["low"] < 0.8 < gain["high"]
