@@ -29,6 +29,9 @@ SAFETY_DIRECTIONS = ("auto", "loss", "updates")
 #: What the projection does when the set of parameters the optimizer updates changes mid-run.
 PARAM_CHANGE_POLICIES = ("retrack", "error")
 
+#: Which geometry protects the capabilities (issue 13 §1): gradient directions, activation subspaces, or both.
+CAPABILITY_SPACES = ("gradient", "activation", "both")
+
 
 def _parse_mapping(name: str, value: Any) -> dict[str, Any] | None:
     """Accept a dict, a JSON object string, or ``k=v,k=v``; return a dict (or None)."""
@@ -150,6 +153,36 @@ class FrontierArguments:
         },
     )
 
+    capability_space: str = field(
+        default="gradient",
+        metadata={
+            "help": "Which geometry protects the capabilities. 'gradient' (default): the null space (or frontier) "
+            "of the capability gradient directions; holds (k+1)x the trainable bytes. 'activation': every protected "
+            "linear module's realised update is projected off the top subspace U of its inputs on the capability "
+            "rows, ΔW ← ΔW(I − UUᵀ) (every decoder-block linear and the LM head; embedding rows of the most frequent "
+            "capability tokens; LoRA: A and B restricted so the adapter's output on span U is unchanged); holds "
+            "Σ r·(d_in + d_out) float64 values. 'both': activation first, then the gradient projection over "
+            "directions restricted to the allowed updates, so both guarantees hold. Needs projection='nullspace' "
+            "('activation') or 'nullspace'/'frontier' ('both').",
+            "choices": list(CAPABILITY_SPACES),
+        },
+    )
+    activation_rank: int = field(
+        default=32,
+        metadata={
+            "help": "capability_space='activation'/'both': the largest number r of input directions kept per "
+            "protected module (1 <= r <= the smallest protected input width); activation_energy may keep fewer."
+        },
+    )
+    activation_energy: float = field(
+        default=0.99,
+        metadata={
+            "help": "capability_space='activation'/'both': keep the smallest r <= activation_rank whose "
+            "input-covariance eigenvalues capture at least this fraction of the trace, in (0, 1]; 1 keeps every "
+            "direction the inputs reach."
+        },
+    )
+
     degradation_tracking: bool = field(
         default=True,
         metadata={
@@ -205,6 +238,20 @@ class FrontierArguments:
                 f"capability_param_change must be one of {PARAM_CHANGE_POLICIES}, got "
                 f"{self.capability_param_change!r}"
             )
+        if self.capability_space not in CAPABILITY_SPACES:
+            raise ValueError(
+                f"capability_space must be one of {CAPABILITY_SPACES}, got {self.capability_space!r}"
+            )
+        if isinstance(self.activation_rank, bool) or not isinstance(self.activation_rank, int) or self.activation_rank < 1:
+            raise ValueError(f"activation_rank must be an integer >= 1, got {self.activation_rank!r}")
+        if not 0.0 < float(self.activation_energy) <= 1.0:
+            raise ValueError(f"activation_energy must be in (0, 1], got {self.activation_energy!r}")
+        if self.capability_space == "activation" and self.projection == "frontier":
+            raise ValueError(
+                "capability_space='activation' with projection='frontier': frontier tolerances need gradient "
+                "directions. Use capability_space='both' (activation subspaces plus the gradient frontier), or "
+                "projection='nullspace'."
+            )
         if self.safety_direction not in SAFETY_DIRECTIONS:
             raise ValueError(f"safety_direction must be one of {SAFETY_DIRECTIONS}, got {self.safety_direction!r}")
         self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
@@ -236,4 +283,4 @@ class FrontierArguments:
         return float(tol)
 
 
-__all__ = ["PARAM_CHANGE_POLICIES", "PROJECTIONS", "SAFETY_DIRECTIONS", "FrontierArguments"]
+__all__ = ["CAPABILITY_SPACES", "PARAM_CHANGE_POLICIES", "PROJECTIONS", "SAFETY_DIRECTIONS", "FrontierArguments"]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -51,6 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from frontier_trainer.activation import ActivationProjector
 from frontier_trainer.arguments import FrontierArguments
 from frontier_trainer.directions import (
     CapabilitySampler,
@@ -80,30 +80,6 @@ STATE_FILE = "frontier_state.pt"
 #: tasks against tolerances and metrics; DeepSpeed, FSDP, optimizers stepping inside backward,
 #: reentrant checkpointing, fp16 without CUDA). Kept under this name for existing callers.
 check_frontier_setup = check_arguments
-
-
-@torch.no_grad()
-def update_leak(
-    params: Sequence[torch.Tensor],
-    before: Sequence[torch.Tensor],
-    directions: Sequence[Sequence[torch.Tensor]],
-) -> list[float]:
-    """|cos(d, c_j)| for d = params − before and each direction c_j, with float64 sums.
-
-    The fallback of ``UpdateProjector.update_leak`` for the generalisation leak; every product
-    is accumulated in float64 so that a small cosine is not lost to rounding.
-    """
-    d2 = 0.0
-    dots = [0.0] * len(directions)
-    c2 = [0.0] * len(directions)
-    for k, (p, b) in enumerate(zip(params, before, strict=True)):
-        d = p.detach().double() - b.detach().double()
-        d2 += float((d * d).sum())
-        for j, direction in enumerate(directions):
-            c = direction[k].detach().to(device=d.device, dtype=torch.float64)
-            dots[j] += float((d * c).sum())
-            c2[j] += float((c * c).sum())
-    return [abs(x) / math.sqrt(d2 * n2) if d2 > 0 and n2 > 0 else 0.0 for x, n2 in zip(dots, c2, strict=True)]
 
 
 def _tensor_bytes(groups: list[list[torch.Tensor]]) -> int:
@@ -196,6 +172,10 @@ class FrontierMixin:
         check_arguments(config, sources, capability_metrics)
         # state the hooks read, set before the base constructor in case it calls an override
         self.projector: UpdateProjector | None = None
+        #: capability_space "activation"/"both": the activation-subspace projector (issue 13 §1).
+        self.activation_projector: ActivationProjector | None = None
+        self._activation_step: int | None = None
+        self._activation_names: list[str] | None = None
         self.capability_sampler: CapabilitySampler | None = None
         self.capability_metrics: dict[str, MetricFn] = dict(capability_metrics or {})
         self.degradation_callback: DegradationCallback | None = None
@@ -246,7 +226,10 @@ class FrontierMixin:
         if args.projection != "none":
             self._check_setup_after_init()
             named = [(n, p) for n, p in self._unwrapped_model().named_parameters() if p.requires_grad]
-            self.projector = self._new_projector([p for _, p in named])
+            if args.capability_space != "activation":
+                self.projector = self._new_projector([p for _, p in named])
+            if args.capability_space in ("activation", "both"):
+                self.activation_projector = self._new_activation_projector()
 
     # ------------------------------------------------------------------ construction
 
@@ -259,6 +242,18 @@ class FrontierMixin:
             return UpdateProjector(params, mode=args.projection, tolerances=tolerances)
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}(projection={args.projection!r}): {err}") from None
+
+    def _new_activation_projector(self) -> ActivationProjector:
+        args = self.args
+        assert self.capability_sampler is not None
+        try:
+            projector = ActivationProjector(
+                self._unwrapped_model(), rank=args.activation_rank, energy=args.activation_energy
+            )
+            ActivationProjector.check_rows(self.capability_sampler.rows)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}(capability_space={args.capability_space!r}): {err}") from None
+        return projector
 
     def _check_setup_after_init(self) -> None:
         """DeepSpeed/FSDP enabled through accelerate, or low-precision trainable weights: refused."""
@@ -291,7 +286,7 @@ class FrontierMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.projector is not None:
+        if self.projector is not None or self.activation_projector is not None:
             self._hook_optimizer(optimizer)
         return optimizer
 
@@ -379,27 +374,49 @@ class FrontierMixin:
         self._tracked_names = names
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        assert self.projector is not None
-        self._sync_tracked_parameters()
         step = self.state.global_step
         refresh = self.args.capability_refresh_steps
-        refreshed = (
-            self._force_refresh
-            or self.projector.num_directions == 0
-            or (step % refresh == 0 and self._directions_step != step)
-        )
-        if refreshed:
-            self.refresh_directions()
+        activation = self.activation_projector
+        if activation is not None:
+            # bases first: in "both" mode the gradient directions are restricted by them at install
+            self._check_activation_parameters()
+            if not activation.ready or (step % refresh == 0 and self._activation_step != step):
+                self.refresh_activation()
+        refreshed = False
+        if self.projector is not None:
+            self._sync_tracked_parameters()
+            refreshed = (
+                self._force_refresh
+                or self.projector.num_directions == 0
+                or (step % refresh == 0 and self._directions_step != step)
+            )
+            if refreshed:
+                self.refresh_directions()
         start = time.perf_counter()
-        self.projector.before_step()
+        if activation is not None:
+            activation.before_step()
+        if self.projector is not None:
+            self.projector.before_step()
         self._projection_seconds = time.perf_counter() - start
         if refreshed:  # the held state (snapshot + directions) changes only when directions do
+            assert self.projector is not None
             self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        assert self.projector is not None
         start = time.perf_counter()
-        self._accumulate_raw_update()
+        self._accumulate_raw_update()  # the tracker's raw update, before any projection
+        if self.activation_projector is not None:
+            # activation first: the gradient projector then projects the allowed update u' (see
+            # ActivationProjector.project_directions for why both guarantees hold)
+            activation_report = self.activation_projector.after_step()
+            if activation_report is not None:
+                self._record("frontier/activation_removed", activation_report.max_removed)
+                if self.projector is None:
+                    self._record(
+                        "frontier/projection_seconds", self._projection_seconds + time.perf_counter() - start
+                    )
+        if self.projector is None:
+            return
         report = self.projector.after_step()
         if report is None:
             return
@@ -423,6 +440,37 @@ class FrontierMixin:
             if report.realised_leak is not None:
                 self._record(f"frontier/leak/{task}", max(report.realised_leak[block]))
 
+    # ------------------------------------------------------------------ activation subspaces
+
+    def _check_activation_parameters(self) -> None:
+        """The activation bases are built for the modules trainable at the first step: a later change
+        of the set the optimizer updates is refused (no re-tracking in activation modes)."""
+        names = [n for n, _ in self._updated_parameters()]
+        if self._activation_names is None:
+            self._activation_names = names
+        elif names != self._activation_names:
+            raise ValueError(
+                f"the set of parameters the optimizer updates changed at step {self.state.global_step}; "
+                f"capability_space={self.args.capability_space!r} protects the modules trainable at the start and "
+                "does not re-track. Freeze/unfreeze before training, or use capability_space='gradient'."
+            )
+
+    def refresh_activation(self) -> None:
+        """Re-estimate every protected module's input subspace U_ℓ at the current weights, from
+        ``capability_rank`` seeded capability batches per task (identical on every DDP rank)."""
+        assert self.activation_projector is not None and self.capability_sampler is not None
+        start = time.perf_counter()
+        batches = [
+            self.capability_sampler.next_batch(task)
+            for task in self.capability_tasks
+            for _ in range(self.args.capability_rank)
+        ]
+        self.activation_projector.refresh(batches)
+        held = self.activation_projector.memory_bytes() + self.activation_projector.peak_covariance_bytes
+        self.peak_state_bytes = max(self.peak_state_bytes, held)
+        self._activation_step = self.state.global_step
+        self._record("frontier/activation_refresh_seconds", time.perf_counter() - start)
+
     # ------------------------------------------------------------------ raw updates (tracker)
 
     def start_raw_update_sum(self) -> bool:
@@ -430,6 +478,11 @@ class FrontierMixin:
 
         Returns False when there is no projector (then θ_t − θ_0 already is the raw sum)."""
         if self.projector is None:
+            if self.activation_projector is not None:
+                logger.warning(
+                    "degradation tracking with capability_space='activation': there is no raw-update snapshot, so "
+                    "the 'updates' safety direction is the sum of the projected updates θ_t − θ_0."
+                )
             return False
         self._raw_update_sum = {}
         return True
@@ -502,36 +555,24 @@ class FrontierMixin:
         self._force_refresh = False
         self._record("frontier/refresh_seconds", time.perf_counter() - start)
 
-    def _install_directions(self, directions: list[list[torch.Tensor]]) -> None:
-        """``projector.set_directions`` with direction names (for its NaN errors) when supported."""
-        assert self.projector is not None
+    def _direction_names(self) -> list[str]:
         rank = self.args.capability_rank
-        names = [f"{task}[{r}]" for task in self.capability_tasks for r in range(rank)]
-        if "names" in inspect.signature(self.projector.set_directions).parameters:
-            self.projector.set_directions(directions, names=names)
-            return
-        for name, direction in zip(names, directions, strict=True):
-            if not all(bool(torch.isfinite(c).all()) for c in direction):
-                raise ValueError(
-                    f"capability direction {name} is not finite (NaN or inf): the gradient of task "
-                    f"{name.split('[')[0]!r}'s metric overflowed or its rows produce NaN. Check the task's data "
-                    "and metric, or lower the learning rate."
-                )
-        self.projector.set_directions(directions)
+        return [f"task {task!r} direction {r}" for task in self.capability_tasks for r in range(rank)]
+
+    def _install_directions(self, directions: list[list[torch.Tensor]]) -> None:
+        """``projector.set_directions`` with direction names (its NaN/inf error names the task); in
+        ``capability_space="both"`` the directions are first restricted to the allowed updates."""
+        assert self.projector is not None
+        if self.activation_projector is not None:
+            directions = self.activation_projector.project_directions(self.projector.params, directions)
+        self.projector.set_directions(directions, names=self._direction_names())
 
     def _log_generalisation_leak(self, fresh: list[list[torch.Tensor]]) -> None:
         """``frontier/generalisation_leak/<task>``: max |cos| of the last applied update against the
-        task's fresh directions (issue 15 §1), from the projector when it offers it."""
+        task's fresh directions (issue 15 §1), measured before they are installed."""
         assert self.projector is not None
         rank = self.args.capability_rank
-        if hasattr(self.projector, "update_leak"):
-            names = [f"{task}[{r}]" for task in self.capability_tasks for r in range(rank)]
-            leaks = list(self.projector.update_leak(fresh, names=names))
-        else:
-            snapshot = getattr(self.projector, "_snapshot", None)
-            if snapshot is None:
-                return
-            leaks = update_leak(self.projector.params, snapshot, fresh)
+        leaks = self.projector.update_leak(fresh, names=self._direction_names())
         for i, task in enumerate(self.capability_tasks):
             self._record(f"frontier/generalisation_leak/{task}", max(leaks[i * rank : (i + 1) * rank]))
 
@@ -542,7 +583,7 @@ class FrontierMixin:
         if not self.args.should_save:
             return
         tracker = self.degradation_callback
-        if self.projector is None and tracker is None:
+        if self.projector is None and self.activation_projector is None and tracker is None:
             return
         os.makedirs(output_dir, exist_ok=True)
         state: dict[str, Any] = {"tasks": self.capability_tasks}
@@ -559,13 +600,20 @@ class FrontierMixin:
                     else [self._raw_update_sum[id(p)].cpu() for p in self.projector.params if id(p) in self._raw_update_sum]
                 ),
             )
+        if self.activation_projector is not None and self.activation_projector.ready:
+            state["activation"] = self.activation_projector.state_dict()
+            state["activation_step"] = self._activation_step
+            if self.projector is None:
+                state["sampler"] = self.capability_sampler.state_dict() if self.capability_sampler else None
         if tracker is not None and tracker.active:
             state["tracker"] = tracker.state_dict()
         torch.save(state, os.path.join(output_dir, STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or (self.projector is None and self.degradation_callback is None):
+        if checkpoint is None or (
+            self.projector is None and self.activation_projector is None and self.degradation_callback is None
+        ):
             return
         path = os.path.join(checkpoint, STATE_FILE)
         if not os.path.isfile(path):
@@ -596,6 +644,11 @@ class FrontierMixin:
                     id(p): t.to(device=p.device, dtype=p.dtype)
                     for p, t in zip(self.projector.params, state["raw_update_sum"], strict=False)
                 }
+        if self.activation_projector is not None and "activation" in state:
+            self.activation_projector.load_state_dict(state["activation"])
+            self._activation_step = state["activation_step"]
+            if self.projector is None and state.get("sampler") is not None and self.capability_sampler is not None:
+                self.capability_sampler.load_state_dict(state["sampler"])
         if self.degradation_callback is not None and "tracker" in state:
             self.degradation_callback.load_state_dict(state["tracker"], checkpoint=checkpoint)
 
@@ -606,5 +659,4 @@ __all__ = [
     "as_frontier_args",
     "check_frontier_setup",
     "data_fingerprints",
-    "update_leak",
 ]
