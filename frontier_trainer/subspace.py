@@ -86,6 +86,8 @@ class GradientSketch:
     weight_seen: float = 0.0
     _sum: list[torch.Tensor] | None = None
     shrinks: int = 0
+    #: Σδ over the shrinks: a certificate of the sketch's error, ‖AᵀA − BᵀB‖₂ ≤ delta_total (FD).
+    delta_total: float = 0.0
     #: Largest number of bytes held at once by the rows and the orienting sum (counted from the tensors).
     peak_bytes: int = 0
 
@@ -165,6 +167,7 @@ class GradientSketch:
         if shrink:
             keep = keep[: self.capacity - 1]
             self.shrinks += 1
+            self.delta_total += delta
         scale = torch.tensor([math.sqrt((float(eigvals[j]) - delta) / float(eigvals[j])) for j in keep], dtype=torch.float64)
         # new row j = scale_j · Σ_i U[i, j] row_i  (= √(λ_j − δ) v_jᵀ)
         mix = (eigvecs[:, keep] * scale).T.contiguous()  # (len(keep), m)

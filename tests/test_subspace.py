@@ -70,7 +70,8 @@ def test_no_shrink_is_the_exact_svd() -> None:
 
 @pytest.mark.parametrize("oversample", [1, 2, 4])
 def test_frequent_directions_error_bound(oversample: int) -> None:
-    """0 ⪯ AᵀA − BᵀB and ‖AᵀA − BᵀB‖₂ ≤ ‖A − A_k‖_F² / ℓ (FD, Ghashami et al. Thm 1.1), and the
+    """0 ⪯ AᵀA − BᵀB, ‖AᵀA − BᵀB‖₂ ≤ ‖A − A_k‖_F² / ℓ (FD, Ghashami et al. Thm 1.1) and
+    ≤ Σδ = (‖A‖_F² − ‖B‖_F²) / (k + ℓ), and the
     sketch holds fewer than k + ℓ rows between insertions."""
     k = 2
     grads, _ = planted(40, 4, 0.5, seed=1)
@@ -87,6 +88,11 @@ def test_frequent_directions_error_bound(oversample: int) -> None:
     assert float(eig.min()) > -1e-8 * float(eig.abs().max())
     tail = (torch.linalg.svdvals(grads)[k:] ** 2).sum()
     assert float(eig.max()) <= float(tail) / oversample * (1 + 1e-9)
+    # each shrink subtracts δ from all m = k + ℓ eigenvalues, so the Frobenius mass lost is m·Σδ and
+    # the spectral error is at most Σδ (a truncation that drops the last row instead breaks this)
+    lost = float((grads**2).sum() - (b**2).sum())
+    assert lost == pytest.approx((k + oversample) * sketch.delta_total, rel=1e-9)
+    assert float(eig.max()) <= sketch.delta_total * (1 + 1e-9)
 
 
 def test_planted_subspace_recovered_where_batches_are_not() -> None:

@@ -1,0 +1,312 @@
+"""Benchmark: capability-direction estimators side by side (issue 15 §2, §4).
+
+For one arena suite (the lab, or SmolLM2-135M-Instruct + LoRA), trains vanilla DPO and null-space
+DPO under several direction configurations in one process, same model, data, seed and learning
+rate, and reports for each:
+
+* ``held_out_leak``: mean over steps and tasks of |cos(Δθ, ∇f_i(held-out rows))|, Δθ the applied
+  update and the gradient taken at θ before the step on capability rows the estimator never sees
+  (the lab's eval split / the real sets' eval split): the generalisation leak of §1 against the
+  *task*, not one fresh batch. Vanilla's value is the unprojected step's.
+* ``step_time`` (amortised: mean over all optimizer steps, refreshes included, minus the probe's
+  own time) and its ratio to vanilla's;
+* quality on the arena's *validation* split (defaults are chosen on validation, never test):
+  refusal gain, over-refusal change and per-task capability change against the base model, and
+  the capability loss as a fraction of vanilla's.
+
+Configurations (``--configs``): ``batch-r10`` (the library default before this benchmark:
+refresh every 10 steps, one batch of 8 rows per direction), ``batch-r1`` (refresh every step),
+``sketch-r10`` (a frequent-directions sketch of 8 micro-batches of 4 rows per task, refresh every
+10 steps), ``sketch-r5``, ``sketch-r10-ema`` (EMA 0.5 across refreshes), and ``+benign`` variants
+that also protect the model's own answers to benign prompt-only rows (``lab:benign`` /
+``real:benign``, completed by the model itself).
+
+Reproduce (lab, ~5-10 min on 2 cores):
+``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.subspace_benchmark --suite lab --output-dir benchmarks/results/subspace``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from benchmarks.arena.presets import get_preset
+from benchmarks.arena.protocol import (
+    CAPABILITY_PREFIX,
+    OVER_REFUSAL,
+    REFUSAL,
+    common_train_args,
+)
+from benchmarks.arena.suites import make_suite
+from frontier_trainer.directions import build_capability_sampler, capability_gradients
+
+logger = logging.getLogger("subspace_benchmark")
+
+CONFIGS: dict[str, dict[str, Any] | None] = {
+    "vanilla": None,
+    "batch-r10": dict(capability_refresh_steps=10, capability_batch_size=8),
+    "batch-r1": dict(capability_refresh_steps=1, capability_batch_size=8),
+    "sketch-r10": dict(
+        capability_estimator="sketch", capability_refresh_steps=10, capability_batch_size=4, capability_sketch_batches=8
+    ),
+    "sketch-r5": dict(
+        capability_estimator="sketch", capability_refresh_steps=5, capability_batch_size=4, capability_sketch_batches=8
+    ),
+    "sketch-r10-ema": dict(
+        capability_estimator="sketch",
+        capability_refresh_steps=10,
+        capability_batch_size=4,
+        capability_sketch_batches=8,
+        capability_ema=0.5,
+    ),
+    "sketch-r10-small": dict(
+        capability_estimator="sketch", capability_refresh_steps=10, capability_batch_size=2, capability_sketch_batches=4
+    ),
+}
+"""Name -> FrontierDPOConfig overrides (None: vanilla trl.DPOTrainer). A ``+benign`` suffix on any
+projected name adds the suite's benign prompt-only task."""
+
+BENIGN = {"lab": "lab:benign", "real": "real:benign"}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (on_step_begin -> on_step_end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+class HeldOutLeakProbe(TrainerCallback):
+    """|cos(Δθ, ∇f_i(held-out))| per task and step; its own time is recorded to be subtracted."""
+
+    def __init__(self, held_out: dict[str, Any], tokenizer: Any, max_length: int, rows: int) -> None:
+        self.sampler = build_capability_sampler(held_out, tokenizer, max_length=max_length, batch_size=rows, seed=0)
+        self.batches = {t: self.sampler.next_batch(t) for t in self.sampler.tasks}
+        self.leaks: dict[str, list[float]] = {t: [] for t in self.sampler.tasks}
+        self.seconds: list[float] = []
+        self._before: list[torch.Tensor] | None = None
+
+    def _params(self, model: Any) -> list[torch.nn.Parameter]:
+        model = getattr(model, "module", model)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        start = time.perf_counter()
+        model = getattr(model, "module", model)
+        params = self._params(model)
+        self._before = [p.detach().clone() for p in params]
+        self._grads = {t: capability_gradients(model, params, b)[1] for t, b in self.batches.items()}
+        self._model = model
+        self.seconds.append(time.perf_counter() - start)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        start = time.perf_counter()
+        params = self._params(self._model)
+        assert self._before is not None
+        delta = [p.detach() - b for p, b in zip(params, self._before, strict=True)]
+        dd = sum(float((d.double() ** 2).sum()) for d in delta)
+        for task, grads in self._grads.items():
+            gg = sum(float((g.double() ** 2).sum()) for g in grads)
+            dg = sum(float((d.double() * g.double()).sum()) for d, g in zip(delta, grads, strict=True))
+            if dd > 0 and gg > 0:
+                self.leaks[task].append(abs(dg) / (dd * gg) ** 0.5)
+        self._before = None
+        self.seconds[-1] += time.perf_counter() - start
+
+
+def held_out_capability(suite_name: str, preset: Any, n: int) -> dict[str, Any]:
+    """Capability rows of the protected tasks that no estimator sees (eval splits)."""
+    if suite_name == "lab":
+        from frontier_trainer import lab
+
+        return lab.capability_datasets("eval", n=n)
+    from frontier_trainer.real import data
+
+    return {
+        "code": data.load_humaneval(split="eval").select(range(n)),
+        "addition": data.load_bigbench_task("arithmetic/2_digit_addition", split="eval", n=n),
+    }
+
+
+def run_config(
+    name: str, suite: Any, preset: Any, model_dir: str, lr: float, seed: int, out: Path, probe_rows: int
+) -> dict[str, Any]:
+    """Train one configuration; return its timing, held-out leak and validation quality."""
+    from trl import DPOConfig, DPOTrainer
+
+    from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+
+    base_name = name.removesuffix("+benign")
+    overrides = CONFIGS[base_name]
+    model, tok = suite.load(model_dir)
+    common = {k: v for k, v in common_train_args(preset, out / name, lr, seed).items() if v is not None}
+    timer = StepTimer()
+    max_length = preset.max_length or 512
+    probe = HeldOutLeakProbe(
+        held_out_capability(preset.suite, preset, probe_rows), tok, max_length=max_length, rows=probe_rows
+    )
+    if overrides is None:
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common),
+            train_dataset=suite.preference_dataset(),
+            processing_class=tok,
+            peft_config=suite.peft_config(),
+            callbacks=[timer, probe],
+        )
+    else:
+        caps = dict(suite.capability_datasets())
+        if name.endswith("+benign"):
+            caps["benign"] = BENIGN[preset.suite]
+        config = FrontierDPOConfig(
+            **common,
+            projection="nullspace",
+            degradation_tracking=False,
+            **({"capability_max_length": preset.max_length} if preset.suite == "real" else {}),
+            **overrides,
+        )
+        trainer = FrontierDPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=suite.preference_dataset(),
+            processing_class=tok,
+            capability_datasets=caps,
+            peft_config=suite.peft_config(),
+            callbacks=[timer, probe],
+        )
+    trainer.train()
+    step = [t - p for t, p in zip(timer.times, probe.seconds, strict=False)]
+    trained = trainer.model
+    samples = suite.evaluate_fast(trained, tok, None, "validation") if preset.suite == "lab" else suite.evaluate(
+        trained, tok, None, "validation"
+    )
+    leaks = {t: statistics.fmean(v) for t, v in probe.leaks.items() if v}
+    return {
+        "config": name,
+        "overrides": overrides,
+        "step_time_mean": statistics.fmean(step),
+        "step_time_median": statistics.median(step),
+        "held_out_leak": leaks,
+        "held_out_leak_mean": statistics.fmean(leaks.values()),
+        "metrics": {k: statistics.fmean(v) for k, v in samples.items() if v},
+    }
+
+
+def summarise(rows: list[dict[str, Any]], base: dict[str, float]) -> list[dict[str, Any]]:
+    vanilla = next(r for r in rows if r["config"] == "vanilla")
+    caps = [k for k in base if k.startswith(CAPABILITY_PREFIX)]
+    v_loss = {k: base[k] - vanilla["metrics"][k] for k in caps}
+    v_gain = vanilla["metrics"][REFUSAL] - base[REFUSAL]
+    out = []
+    for r in rows:
+        m = r["metrics"]
+        loss = {k: base[k] - m[k] for k in caps}
+        out.append(
+            {
+                "config": r["config"],
+                "time_ratio": r["step_time_mean"] / vanilla["step_time_mean"],
+                "held_out_leak": r["held_out_leak_mean"],
+                "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
+                "refusal_gain": m[REFUSAL] - base[REFUSAL],
+                "refusal_gain_kept": (m[REFUSAL] - base[REFUSAL]) / v_gain if v_gain else float("nan"),
+                "over_refusal_change": m[OVER_REFUSAL] - base[OVER_REFUSAL],
+                "capability_loss": loss,
+                "capability_loss_vs_vanilla": {
+                    k: (loss[k] / v_loss[k] if v_loss[k] > 0 else float("nan")) for k in caps
+                },
+            }
+        )
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    caps = sorted(summary[0]["capability_loss"])
+    head = "| config | time × vanilla | held-out leak | leak / unprojected | refusal gain kept | over-refusal Δ | " + " | ".join(
+        f"{c.removeprefix(CAPABILITY_PREFIX)} loss" for c in caps
+    ) + " |"
+    lines = [head, "|" + "---|" * (6 + len(caps))]
+    for s in summary:
+        lines.append(
+            f"| {s['config']} | {s['time_ratio']:.2f} | {s['held_out_leak']:.4f} | {s['leak_vs_unprojected']:.2f} | "
+            f"{s['refusal_gain_kept']:.2f} | {s['over_refusal_change']:+.3f} | "
+            + " | ".join(f"{s['capability_loss'][c]:+.3f}" for c in caps)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("lab", "real"), default="lab")
+    parser.add_argument("--preset", default=None, help="arena preset (default lab-quick / smollm2-cpu)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="default: the preset's middle learning rate")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--probe-rows", type=int, default=16)
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/subspace"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in args.configs:
+        if name.removesuffix("+benign") not in CONFIGS:
+            parser.error(f"--configs: unknown {name!r}; choose from {list(CONFIGS)} (optionally with +benign)")
+    preset = get_preset(args.preset or ("lab-quick" if args.suite == "lab" else "smollm2-cpu"))
+    if args.steps:
+        preset = type(preset)(**{**preset.__dict__, "steps": args.steps})
+    lr = args.lr if args.lr is not None else preset.learning_rates[len(preset.learning_rates) // 2]
+    suite = make_suite(preset)
+    model_dir = suite.base_model(preset.pretrain_seeds[0])
+    base_model, tok = suite.load(model_dir)
+    evaluate = suite.evaluate_fast if preset.suite == "lab" else suite.evaluate
+    base = {k: statistics.fmean(v) for k, v in evaluate(base_model, tok, None, "validation").items() if v}
+    del base_model
+    out = args.output_dir / preset.name
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in tqdm(args.configs, desc="configs"):
+        logger.info("training %s", name)
+        rows.append(run_config(name, suite, preset, model_dir, lr, args.seed, out / "runs", args.probe_rows))
+        logger.info("%s: %s", name, json.dumps(rows[-1]))
+    summary = summarise(rows, base)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "preset": preset.name,
+        "steps": preset.steps,
+        "lr": lr,
+        "seed": args.seed,
+        "commit": commit,
+        "machine": f"{platform.platform()}; torch {torch.__version__}; threads {torch.get_num_threads()}",
+        "base": base,
+        "rows": rows,
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    (out / "table.md").write_text(table(summary) + "\n")
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
