@@ -235,6 +235,19 @@ def correlate(seeds: list[dict[str, Any]], tau_key: str, observed_key: str) -> d
     }
 
 
+def class_auc(seed: dict[str, Any], tau_key: str) -> float:
+    """P(τ of an entangled task > τ of a disjoint task) over the 2 × 4 pairs of one seed (ties: 1/2).
+
+    A post-hoc, class-level check (paper §9.2: entangled tasks should carry the tax), added after the
+    6-task Spearman turned out to be dominated by the order of the four near-zero disjoint tasks.
+    """
+    tau = seed[tau_key]
+    hi = [tau[t] for t, task in lab.TASKS.items() if task.overlap == "entangled"]
+    lo = [tau[t] for t, task in lab.TASKS.items() if task.overlap != "entangled"]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a in hi for b in lo]
+    return sum(wins) / len(wins)
+
+
 def run_seed(seed: int, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_dir = lab.pretrain(seed=seed, progress=False)
@@ -302,6 +315,23 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{c['within_seed_mean']:+.3f} ({wlo:+.2f}, {whi:+.2f}) |"
             )
         lines.append("")
+    lines += [
+        "## Post hoc: do the entangled tasks get the larger τ?",
+        "",
+        "AUC = P(τ of chemistry or persuasion > τ of a disjoint task), over the 8 pairs of each seed "
+        "(1 = both entangled tasks above all four others; 0.5 = chance). Added after the Spearman "
+        "results were seen.",
+        "",
+        "| τ from | AUC per seed | mean |",
+        "|---|---|---|",
+    ]
+    for key, per in results["class_auc"].items():
+        values = list(per.values())
+        lines.append(
+            f"| {key} | "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in per.items())
+            + f" | {sum(values) / len(values):.2f} |"
+        )
     lines += ["", "## Per seed and task", ""]
     lines.append("| seed | task | τ repr (layer) | τ grad | NLL increase | accuracy drop |")
     lines.append("|---|---|---|---|---|---|")
@@ -384,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "development_seeds": args.development_seeds,
         "seeds": seeds,
         "correlations": correlations,
+        "class_auc": {k: {str(s["seed"]): class_auc(s, k) for s in seeds} for k in keys},
     }
     (out / "results.md").write_text(markdown(results))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -335,3 +335,16 @@ def test_dataset_prompts():
         probes.dataset_prompts(
             "tasks['t']", Dataset.from_dict({"prompt": [[{"role": "user", "content": "a"}]]})
         )
+
+
+def test_class_auc():
+    from benchmarks import probe_prediction as bench
+
+    entangled = {t for t, task in bench.lab.TASKS.items() if task.overlap == "entangled"}
+    assert entangled == {"chemistry", "persuasion"}
+    up = {"tau": {t: (1.0 if t in entangled else 0.1) for t in bench.lab.TASKS}}
+    down = {"tau": {t: (0.0 if t in entangled else 0.1) for t in bench.lab.TASKS}}
+    mixed = {"tau": {**up["tau"], "persuasion": 0.1}}  # a tie with all four: 4 wins + 4 halves
+    assert bench.class_auc(up, "tau") == 1.0
+    assert bench.class_auc(down, "tau") == 0.0
+    assert bench.class_auc(mixed, "tau") == pytest.approx(0.75)
