@@ -29,6 +29,9 @@ SAFETY_DIRECTIONS = ("auto", "loss", "updates")
 #: What the projection does when the set of parameters the optimizer updates changes mid-run.
 PARAM_CHANGE_POLICIES = ("retrack", "error")
 
+#: How capability directions are estimated (issue 15 §2); the estimator itself is frontier_trainer.subspace.
+CAPABILITY_ESTIMATORS = ("batch", "sketch")
+
 #: Which geometry protects the capabilities (issue 13 §1): gradient directions, activation subspaces, or both.
 CAPABILITY_SPACES = ("gradient", "activation", "both")
 
@@ -140,7 +143,34 @@ class FrontierArguments:
     capability_rank: int = field(
         default=1,
         metadata={
-            "help": "Directions kept per task: the gradients of this many disjoint capability batches."
+            "help": "Directions kept per task: the gradients of this many disjoint capability batches "
+            "(capability_estimator='batch'), or the top this many directions of the task's sketch ('sketch')."
+        },
+    )
+    capability_estimator: str = field(
+        default="batch",
+        metadata={
+            "help": "How a task's directions are estimated at a refresh (issue 15 §2): 'batch' (the gradient of "
+            "capability_rank batches of capability_batch_size rows: protects those rows), or 'sketch' (the top "
+            "capability_rank directions of a frequent-directions sketch of capability_sketch_batches micro-batch "
+            "gradients of capability_batch_size rows each: protects the directions the task's gradients vary "
+            "along, so the protection carries over to rows not used; see frontier_trainer.subspace). Under DDP "
+            "'sketch' draws different rows on every rank and all-reduces the gradients.",
+            "choices": list(CAPABILITY_ESTIMATORS),
+        },
+    )
+    capability_sketch_batches: int = field(
+        default=8,
+        metadata={
+            "help": "capability_estimator='sketch': micro-batches (of capability_batch_size rows) per task per "
+            "refresh; the refresh costs this many capability forward/backward passes per task."
+        },
+    )
+    capability_sketch_oversample: int = field(
+        default=1,
+        metadata={
+            "help": "capability_estimator='sketch': spare sketch rows ℓ; the sketch holds at most "
+            "capability_rank + ℓ gradient-sized tensors (peak (capability_rank + ℓ + 1)× the trainable bytes)."
         },
     )
     capability_param_change: str = field(
@@ -264,6 +294,8 @@ class FrontierArguments:
             "capability_batch_size",
             "capability_max_length",
             "capability_rank",
+            "capability_sketch_batches",
+            "capability_sketch_oversample",
             "degradation_eval_steps",
             "safety_direction_batches",
         ):
@@ -272,6 +304,10 @@ class FrontierArguments:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not 0.0 <= float(self.capability_ema) < 1.0:
             raise ValueError(f"capability_ema must be in [0, 1), got {self.capability_ema!r}")
+        if self.capability_estimator not in CAPABILITY_ESTIMATORS:
+            raise ValueError(
+                f"capability_estimator must be one of {CAPABILITY_ESTIMATORS}, got {self.capability_estimator!r}"
+            )
 
     def tolerance_for(self, task: str) -> float:
         """ε for one task: the scalar, the mapping's entry, or 0 when absent."""
