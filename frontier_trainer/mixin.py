@@ -57,10 +57,13 @@ from frontier_trainer.directions import (
     MetricFn,
     build_capability_sampler,
     capability_gradients,
+    complete_prompt_only_sources,
     completion_metric,
 )
+from frontier_trainer.distributed import fsdp_requested, is_sharded, make_projector, state_file_name
 from frontier_trainer.plan import check_arguments, check_model
 from frontier_trainer.projection import StepReport, UpdateProjector
+from frontier_trainer.subspace import sketch_task_directions
 from frontier_trainer.tracking import (
     DegradationCallback,
     SafetyDirection,
@@ -196,6 +199,10 @@ class FrontierMixin:
 
         args = self.args
         if sources:
+            # A prompt-only source (rows with only 'prompt', or user-only 'messages') is completed once by
+            # the model itself, cached with provenance (issue 15 §3); the tracker and the sampler see the
+            # completed rows. Bad input (an empty prompt, mixed rows) is refused here, naming the task.
+            sources = complete_prompt_only_sources(sources, self._unwrapped_model(), self.processing_class)
             # Load, validate and tokenise now: every bad-input error comes before training.
             self.capability_sampler = build_capability_sampler(
                 sources,
@@ -239,7 +246,8 @@ class FrontierMixin:
         if args.projection == "frontier":
             tolerances = [args.tolerance_for(t) for t in self.capability_tasks for _ in range(args.capability_rank)]
         try:
-            return UpdateProjector(params, mode=args.projection, tolerances=tolerances)
+            # FSDP2 (DTensor parameters): the sharded projector on local shards, else UpdateProjector
+            return make_projector(params, mode=args.projection, tolerances=tolerances)
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}(projection={args.projection!r}): {err}") from None
 
@@ -262,6 +270,9 @@ class FrontierMixin:
             deepspeed_enabled=bool(getattr(self, "is_deepspeed_enabled", False)),
             fsdp_enabled=bool(getattr(self, "is_fsdp_enabled", False)),
             owner=type(self).__name__,
+            fsdp_wanted=fsdp_requested(self.args),
+            num_processes=self.accelerator.num_processes,
+            degradation_tracking=self.degradation_callback is not None,
         )
 
     def _unwrapped_model(self) -> torch.nn.Module:
@@ -512,17 +523,29 @@ class FrontierMixin:
     def refresh_directions(self) -> None:
         """Re-estimate every capability direction at the current parameters.
 
-        For each task, ``capability_rank`` batches are drawn from the seeded sampler (identical
-        on every rank, so DDP replicas stay byte-identical with no communication) and their
-        metric gradients become the task's directions, smoothed by ``capability_ema``. Before
-        they are installed, the generalisation leak of the last applied update against them is
-        logged (they come from rows that did not project it).
+        ``capability_estimator='batch'``: for each task, ``capability_rank`` batches are drawn from
+        the seeded sampler (identical on every rank, so DDP replicas stay byte-identical with no
+        communication) and their metric gradients become the task's directions, smoothed by
+        ``capability_ema``. ``'sketch'``: the task's top ``capability_rank`` directions of a
+        frequent-directions sketch of ``capability_sketch_batches`` micro-batch gradients
+        (:func:`frontier_trainer.subspace.sketch_task_directions`; under DDP each rank draws its own
+        rows, the gradients are all-reduced and rank 0's directions broadcast), seeded with the
+        previous directions at weight ``capability_ema``. Before they are installed, the
+        generalisation leak of the last applied update against them is logged (they come from rows
+        that did not project it).
         """
         assert self.projector is not None and self.capability_sampler is not None
         start = time.perf_counter()
         model = self._unwrapped_model()
         params = self.projector.params
         ema = float(self.args.capability_ema)
+        sketch = self.args.capability_estimator == "sketch"
+        if sketch and getattr(self.projector, "capability_gradients", None) is not None:
+            raise ValueError(
+                "capability_estimator='sketch' does not support a sharded (FSDP2) projector yet: its capability "
+                "gradients are local shards, which the sketch would all-reduce as if they were whole. Use "
+                "capability_estimator='batch' with FSDP2."
+            )
         old = self.projector.directions
         if ema == 0:
             # drop the previous directions before computing new ones: peak stays (k+1)x parameters
@@ -531,11 +554,38 @@ class FrontierMixin:
         fresh: list[list[torch.Tensor]] = []
         for t_index, task in enumerate(self.capability_tasks):
             metric = self.capability_metrics.get(task, completion_metric)
+            if sketch:
+                rank = self.args.capability_rank
+                result = sketch_task_directions(
+                    model,
+                    params,
+                    self.capability_sampler,
+                    task,
+                    rank=rank,
+                    num_batches=self.args.capability_sketch_batches,
+                    oversample=self.args.capability_sketch_oversample,
+                    metric=metric,
+                    previous=old[t_index * rank : (t_index + 1) * rank],
+                    ema=ema,
+                    autocast=self.autocast_smart_context_manager,
+                )
+                held = _tensor_bytes(fresh) + _tensor_bytes(old[(t_index + 1) * rank :]) + result.peak_bytes
+                held += self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
+                self.peak_state_bytes = max(self.peak_state_bytes, held)
+                fresh.extend(result.directions)
+                self._record(f"frontier/capability_loss/{task}", -sum(result.values) / len(result.values))
+                continue
             values = []
             for r in range(self.args.capability_rank):
                 batch = self.capability_sampler.next_batch(task)
                 with self.autocast_smart_context_manager():
-                    value, grads = capability_gradients(model, params, batch, metric=metric)
+                    # under FSDP2 autograd.grad gives None for sharded parameters: the sharded
+                    # projector computes them through backward, as local shards
+                    sharded_grads = getattr(self.projector, "capability_gradients", None)
+                    if sharded_grads is not None:
+                        value, grads = sharded_grads(model, batch, metric=metric)
+                    else:
+                        value, grads = capability_gradients(model, params, batch, metric=metric)
                 values.append(float(value))
                 j = t_index * self.args.capability_rank + r
                 if ema > 0 and len(old) > j:
@@ -580,7 +630,8 @@ class FrontierMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if not self.args.should_save:
+        sharded = self.projector is not None and is_sharded(self.projector.params)
+        if not self.args.should_save and not sharded:  # FSDP2: every rank saves its own shards
             return
         tracker = self.degradation_callback
         if self.projector is None and self.activation_projector is None and tracker is None:
@@ -607,7 +658,8 @@ class FrontierMixin:
                 state["sampler"] = self.capability_sampler.state_dict() if self.capability_sampler else None
         if tracker is not None and tracker.active:
             state["tracker"] = tracker.state_dict()
-        torch.save(state, os.path.join(output_dir, STATE_FILE))
+        name = state_file_name(self.args.process_index) if sharded else STATE_FILE
+        torch.save(state, os.path.join(output_dir, name))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -615,7 +667,8 @@ class FrontierMixin:
             self.projector is None and self.activation_projector is None and self.degradation_callback is None
         ):
             return
-        path = os.path.join(checkpoint, STATE_FILE)
+        sharded = self.projector is not None and is_sharded(self.projector.params)
+        path = os.path.join(checkpoint, state_file_name(self.args.process_index) if sharded else STATE_FILE)
         if not os.path.isfile(path):
             logger.warning(
                 "%s has no %s: capability directions will be re-estimated.", checkpoint, STATE_FILE
