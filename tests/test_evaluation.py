@@ -189,12 +189,17 @@ def test_generate_until_task_scores_planted_answers(tok) -> None:
 
 
 def test_generate_until_regex_filter_extracts_the_answer(tok) -> None:
-    model = bigram_model(tok, ["K1 V2 K4 <eos>", "K2 V5 K4 <eos>"])
     docs = ({"query": "get K1", "answer": "V2"}, {"query": "get K2", "answer": "V3"})
     plain = LmEvalTask("plain", "generate_until", docs, until=("<eos>",), max_gen_toks=4)
     regex = LmEvalTask("regex", "generate_until", docs, until=("<eos>",), max_gen_toks=4, regex=r"(V\d+)")
-    out = run_tasks(model, tok, [plain, regex], batch_size=4)
-    assert out == {"plain": [0.0, 0.0], "regex": [1.0, 0.0]}  # "V2 K4" only matches after extraction
+    last = LmEvalTask(
+        "last", "generate_until", ({"query": "get K3", "answer": "V9"},), until=("<eos>",), max_gen_toks=4,
+        regex=r"(V\d+)", group_select=-1,
+    )  # fmt: skip
+    model = bigram_model(tok, ["K1 V2 K4 <eos>", "K2 V5 K4 <eos>", "K3 V1 V9 <eos>"])
+    out = run_tasks(model, tok, [plain, regex, last], batch_size=4)
+    # "V2 K4" only matches after extraction; "V1 V9" -> the last match (lm-eval's flexible-extract)
+    assert out == {"plain": [0.0, 0.0], "regex": [1.0, 0.0], "last": [1.0]}
 
 
 def test_multiple_choice_task_matches_hand_computation(tok) -> None:

@@ -51,6 +51,8 @@ class LmEvalTask:
         max_gen_toks: generation budget of ``generate_until``.
         regex: ``generate_until`` only: a pattern whose group 1 is the answer (``None``: the whole
             stripped response is compared).
+        group_select: which match of ``regex`` is the answer: ``0`` the first, ``-1`` the last (lm-eval's
+            "flexible-extract" takes the last number).
         ignore_case, ignore_punctuation, regexes_to_ignore: ``exact_match`` options (the default
             ``regexes_to_ignore`` strips leading and trailing whitespace from response and answer).
         target_delimiter: text between the query and a choice (multiple choice) or the answer.
@@ -66,6 +68,7 @@ class LmEvalTask:
     until: tuple[str, ...] = ("\n\n",)
     max_gen_toks: int = 32
     regex: str | None = None
+    group_select: int = 0
     ignore_case: bool = False
     ignore_punctuation: bool = False
     regexes_to_ignore: tuple[str, ...] = (r"^\s+", r"\s+$")
@@ -168,7 +171,9 @@ class LmEvalTask:
             ]
             steps: list[dict[str, Any]] = []
             if self.regex is not None:
-                steps.append({"function": "regex", "regex_pattern": self.regex, "group_select": 0})
+                steps.append(
+                    {"function": "regex", "regex_pattern": self.regex, "group_select": self.group_select}
+                )
             steps.append({"function": "take_first"})
             cfg["filter_list"] = [{"name": _FILTER, "filter": steps}]
         return cfg
