@@ -180,3 +180,65 @@ def test_conversational_rows_scored_with_the_chat_template(tiny):
         tokenize_capability_dataset(
             "chat", Dataset.from_list([{"messages": convo}]), no_template, max_length=None
         )
+
+
+def _trainer(model_dir, tmp_path, caps, **overrides):
+    from tiny import build_tokenizer, preference_dataset
+
+    from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+
+    values = dict(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False, logging_steps=1,
+        save_strategy="no", capability_batch_size=2, degradation_tracking=False, seed=0,
+    )  # fmt: skip
+    values.update(overrides)
+    return FrontierDPOTrainer(
+        model=str(model_dir),
+        args=FrontierDPOConfig(**values),
+        train_dataset=preference_dataset(8),
+        processing_class=build_tokenizer(),
+        capability_datasets=caps,
+    )
+
+
+def test_trainer_completes_prompt_only_sources_once(tmp_path, monkeypatch):
+    """A prompt-only capability task is completed by the trainer's own model at construction (before
+    the sampler), cached: a second construction does not regenerate, a changed model does, and the
+    sampler's rows are the model's own answers scored in the chat format."""
+    from tiny import build_tokenizer
+
+    monkeypatch.setenv("FRONTIER_TRAINER_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = self_completion.greedy_continuations
+    monkeypatch.setattr(
+        self_completion, "greedy_continuations", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    model_dir = build_model_dir(tmp_path / "m")
+    caps = {"benign": Dataset.from_list([{"prompt": p} for p in PROMPTS])}
+    first = _trainer(model_dir, tmp_path, caps)
+    assert len(calls) == 1
+    model = first.accelerator.unwrap_model(first.model)
+    tok = build_tokenizer()
+    expected = []
+    for prompt in PROMPTS:
+        rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        expected.append(tok(rendered + _manual_greedy(model, tok, rendered, 64))["input_ids"])
+    assert sorted(r["input_ids"] for r in first.capability_sampler.rows["benign"]) == sorted(expected)
+    first.train()  # the completed task projects like any other
+    assert first.projector.num_directions == 1
+    _trainer(model_dir, tmp_path, caps)
+    assert len(calls) == 1  # read back from the cache
+    changed = build_model_dir(tmp_path / "m2", seed=3)
+    _trainer(changed, tmp_path, caps)
+    assert len(calls) == 2
+
+
+def test_trainer_refuses_bad_prompt_only_sources_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("FRONTIER_TRAINER_CACHE", str(tmp_path / "cache"))
+    model_dir = build_model_dir(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"capability_datasets\['benign'\]: row 1 has an empty 'prompt'"):
+        _trainer(model_dir, tmp_path, {"benign": Dataset.from_list([{"prompt": "w1"}, {"prompt": ""}])})
+    mixed = Dataset.from_list([{"prompt": "w1", "completion": " w2"}, {"prompt": "w3", "completion": ""}])
+    with pytest.raises(ValueError, match=r"capability_datasets\['mixed'\].*mixes prompt-only and completed"):
+        _trainer(model_dir, tmp_path, {"mixed": mixed})
