@@ -384,6 +384,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_state() -> dict[str, Any]:
+    """HEAD and the paths with uncommitted changes, read when a run starts (the code that ran)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, check=True, cwd=root).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        status = []
+    return {"commit": _git_commit(), "uncommitted_changes": [line[3:] for line in status]}
+
+
 def _git_commit() -> str | None:
     import subprocess
 
@@ -410,7 +423,7 @@ def provenance(
     return {
         "preset": preset.to_dict(),
         "command": command,
-        "commit": _git_commit(),
+        "commit": (extra or {}).get("git", {}).get("commit") or _git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "packages": package_versions(),
         "machine": machine(),

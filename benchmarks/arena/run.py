@@ -65,10 +65,12 @@ def run(
     """Run (or resume) a preset and write its files; returns the summary."""
     import torch
 
+    from .report import git_state
     from .suites import make_suite
 
     preset = get_preset(preset_name).with_overrides(seeds=seeds, methods=methods)
     started = time.perf_counter()
+    git = git_state()  # the code that runs, not the HEAD when the run ends
     suite = suite or make_suite(preset)
     arena = Arena(preset, suite, out, read_only=report_only)
     agreement: dict[str, Any] = {}
@@ -91,7 +93,11 @@ def run(
         suite.describe(),
         command or " ".join(["python -m benchmarks.arena.run", *sys.argv[1:]]),
         time.perf_counter() - started,
-        extra={"scorer_agreement_on_base_models": agreement, "torch_threads": torch.get_num_threads()},
+        extra={
+            "scorer_agreement_on_base_models": agreement,
+            "torch_threads": torch.get_num_threads(),
+            "git": git,
+        },
     )
     write(out, summary, preset, prov)
     logger.info("wrote %s (%d cells run here, the rest read back)", out, arena.runs)
