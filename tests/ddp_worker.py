@@ -37,14 +37,45 @@ def main() -> None:
     base = FrontierGRPOTrainer if kind == "grpo" else FrontierDPOTrainer
     rank = int(os.environ.get("RANK", "0"))
     records: list[dict] = []
+    drawn: list[list] = []
+    first_directions: list[list[float]] = []
+    if kind == "sketch":
+        # stand in for nondeterministic kernels after the all-reduce: rank 1's sketch result differs in
+        # its last bits; the broadcast from rank 0 must make the installed directions identical anyway
+        from frontier_trainer import subspace
+
+        original = subspace.GradientSketch.directions
+
+        def perturbed(self):
+            directions, values = original(self)
+            if rank == 1:
+                for direction in directions:
+                    for t in direction:
+                        t.mul_(1 + 1e-6)
+            return directions, values
+
+        subspace.GradientSketch.directions = perturbed
 
     class Recording(base):
         def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
             super()._after_optimizer_step(optimizer, args, kwargs)
             params = [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
             digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
+            dirs = hashlib.sha256(
+                b"".join(t.detach().cpu().numpy().tobytes() for d in self.projector.directions for t in d)
+            ).hexdigest()
+            if kind == "sketch" and not records:  # the directions of the first refresh, at the initial weights
+                first_directions.extend(
+                    torch.cat([t.detach().reshape(-1) for t in d]).tolist() for d in self.projector.directions
+                )
             records.append(
-                {"step": self.state.global_step, "sha256": digest, "leak": self._last_report.realised_leak}
+                {
+                    "step": self.state.global_step,
+                    "sha256": digest,
+                    "directions_sha256": dirs,
+                    "leak": self._last_report.realised_leak,
+                    "drawn": list(drawn),
+                }
             )
 
     settings = dict(
@@ -76,11 +107,23 @@ def main() -> None:
             model=model_dir, reward_funcs=refusal_reward, args=args, train_dataset=prompts, **common
         )
     else:
+        if kind == "sketch":
+            settings.update(capability_estimator="sketch", capability_sketch_batches=3, capability_batch_size=2)
         args = FrontierDPOConfig(**settings)
         trainer = Recording(model=model_dir, args=args, train_dataset=preference_dataset(32), **common)
+    sampler = trainer.capability_sampler
+    collate = sampler.collate
+
+    def recording_collate(task, indices, device=None):
+        drawn.append([task, list(indices)])
+        return collate(task, indices, device=device)
+
+    sampler.collate = recording_collate
     assert trainer.args.world_size == 2, f"expected 2 processes, got {trainer.args.world_size}"
     trainer.train()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(records))
+    if first_directions:
+        (out_dir / f"rank{rank}_directions.json").write_text(json.dumps(first_directions))
     torch.distributed.barrier()
 
 
