@@ -71,6 +71,7 @@ def run(
     preset = get_preset(preset_name).with_overrides(seeds=seeds, methods=methods)
     started = time.perf_counter()
     git = git_state()  # the code that runs, not the HEAD when the run ends
+    cpu_started = time.process_time()
     suite = suite or make_suite(preset)
     arena = Arena(preset, suite, out, read_only=report_only)
     agreement: dict[str, Any] = {}
@@ -97,6 +98,8 @@ def run(
             "scorer_agreement_on_base_models": agreement,
             "torch_threads": torch.get_num_threads(),
             "git": git,
+            "report_only": report_only,  # wall/CPU seconds are then the report's, not the runs'
+            "cpu_seconds": round(time.process_time() - cpu_started, 1),
         },
     )
     write(out, summary, preset, prov)
