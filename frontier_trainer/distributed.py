@@ -426,7 +426,8 @@ def check_fsdp_arguments(args: Any, *, on_accelerator: bool | None = None) -> No
             else "each launched process then trains alone on all the data (independent single-process runs)"
         )
         raise ValueError(
-            f"{source} on the CPU does not shard anything: {what}, with no warning. " + HOW_TO_FSDP2
+            f"the frontier projection does not support FSDP on the CPU: {source} does not shard anything "
+            f"there, {what}, with no warning. " + HOW_TO_FSDP2
         )
     if _fsdp_version(args) != 2:
         raise ValueError(
@@ -469,8 +470,9 @@ def check_fsdp_model(
         return
     if fsdp_wanted:
         raise ValueError(
-            "the run asks for FSDP but the trainable parameters are plain tensors, not FSDP2 DTensors: "
-            "it would silently train without sharding (e.g. DDP on the CPU). " + HOW_TO_FSDP2
+            "the run asks for FSDP (argument, launcher or accelerate config) but the trainable parameters are "
+            "plain tensors, not FSDP2 DTensors: it would silently train without sharding (e.g. DDP on the CPU). "
+            + HOW_TO_FSDP2
         )
 
 

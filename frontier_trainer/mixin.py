@@ -273,6 +273,7 @@ class FrontierMixin:
             fsdp_wanted=fsdp_requested(self.args),
             num_processes=self.accelerator.num_processes,
             degradation_tracking=self.degradation_callback is not None,
+            capability_space=getattr(self.args, "capability_space", "gradient"),
         )
 
     def _unwrapped_model(self) -> torch.nn.Module:

@@ -39,6 +39,15 @@ from typing import Any
 import torch
 
 from frontier_trainer import sources as source_registry
+from frontier_trainer.distributed import (
+    DEEPSPEED_REFUSAL,
+    check_fsdp_arguments,
+    check_fsdp_model,
+    fsdp_requested,
+    is_sharded,
+    max_shard_bytes,
+    sharded_projector_bytes,
+)
 from frontier_trainer.sources import OK, InputError, Resolved
 
 logger = logging.getLogger(__name__)
@@ -69,8 +78,17 @@ real update, so the projection cannot be exact."""
 # --------------------------------------------------------------------------------------
 
 
-def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> None:
+def check_arguments(
+    args: Any,
+    sources: Mapping[str, Any],
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    on_accelerator: bool | None = None,
+) -> None:
     """Refuse, before any model is built, a setup under which the projection cannot be exact.
+
+    ``on_accelerator`` (FSDP checks): whether the run will have a GPU; None decides from
+    ``use_cpu`` and this machine (a dry run of a GPU recipe on a CPU machine passes True).
 
     ``args`` carries the frontier fields (``projection``, ``capability_tolerance``) and the
     ``transformers.TrainingArguments`` ones; ``sources`` is ``{task: source}``; ``metrics`` the
@@ -103,17 +121,9 @@ def check_arguments(args: Any, sources: Mapping[str, Any], metrics: Mapping[str,
         )
     if args.projection == "none":
         return
-    fix = "Run without it, or set projection='none' for the plain trainer."
-    if getattr(args, "deepspeed", None):
-        raise ValueError(
-            "the frontier projection does not support DeepSpeed yet: the DeepSpeed engine steps the optimizer "
-            f"inside accelerator.backward, where no optimizer hook sees the update, so it could not be exact. {fix}"
-        )
-    if getattr(args, "fsdp", None):
-        raise ValueError(
-            "the frontier projection does not support FSDP yet: parameters are sharded and no sharded projection "
-            f"path is implemented and tested. Use DDP (torchrun / accelerate launch --multi_gpu). {fix}"
-        )
+    # DeepSpeed (refused: flat partitions, steps inside backward), FSDP on the CPU (silently DDP
+    # or independent processes), FSDP1 (flat parameters): frontier_trainer.distributed
+    check_fsdp_arguments(args, on_accelerator=on_accelerator)
     optim = str(getattr(getattr(args, "optim", ""), "value", getattr(args, "optim", "")))
     if any(marker in optim for marker in UNSUPPORTED_OPTIM_MARKERS):
         raise ValueError(
@@ -148,19 +158,44 @@ def check_model(
     deepspeed_enabled: bool = False,
     fsdp_enabled: bool = False,
     owner: str = "FrontierDPOTrainer",
+    fsdp_wanted: bool = False,
+    num_processes: int | None = None,
+    degradation_tracking: bool = False,
+    capability_space: str = "gradient",
 ) -> None:
     """Refuse a built model the projection cannot move exactly (the checks after ``Trainer.__init__``).
 
-    ``owner`` (the trainer's class name) starts the engine message.
+    ``owner`` (the trainer's class name) starts the engine message. FSDP2 (DTensor parameters,
+    ``Shard(0)`` on one mesh) is supported; a run that asked for FSDP (``fsdp_wanted``, or
+    ``fsdp_enabled`` by accelerate) but got plain tensors, or whose launcher started more processes
+    than accelerate trains with (``num_processes``), is refused (:func:`distributed.check_fsdp_model`).
+    ``degradation_tracking`` and ``capability_space`` other than ``"gradient"`` under FSDP2 are
+    refused (the tracker and the activation projector have no sharded path yet).
 
     Raises:
         ValueError: DeepSpeed/FSDP enabled through the accelerate config, or trainable parameters in
             pure low precision (θ_old + δ would be rounded).
     """
-    if deepspeed_enabled or fsdp_enabled:
+    if deepspeed_enabled:
+        raise ValueError(f"{owner}: DeepSpeed was enabled through the accelerate config; {DEEPSPEED_REFUSAL}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    check_fsdp_model(
+        [p for _, p in named],
+        fsdp_wanted=fsdp_wanted or fsdp_enabled,
+        num_processes=num_processes if num_processes is not None else int(os.environ.get("WORLD_SIZE", "1")),
+        names=[n for n, _ in named],
+    )
+    if degradation_tracking and is_sharded([p for _, p in named]):
         raise ValueError(
-            f"{owner}: DeepSpeed/FSDP was enabled through the accelerate config; the projection "
-            "supports single-process and DDP training only. Use projection='none' or plain DDP."
+            f"{owner}: degradation_tracking is not supported under FSDP2 yet (its gradients and snapshot have "
+            "no sharded path, it would measure zeros). Set degradation_tracking=False; the projection itself "
+            "is exact under FSDP2."
+        )
+    if capability_space != "gradient" and is_sharded([p for _, p in named]):
+        raise ValueError(
+            f"{owner}: capability_space={capability_space!r} is not supported under FSDP2 yet (the activation "
+            "projector hooks whole weight matrices, FSDP2 holds row shards). Use capability_space='gradient', "
+            "which is exact under FSDP2."
         )
     low = sorted(
         {
@@ -235,6 +270,14 @@ class MemoryPlan:
     tracking: bool
     ema: bool
     source: str
+    #: FSDP2 runs: ``{world size: T per rank}``, the largest local shard set (rank 0's) of the
+    #: trainable parameters under ``Shard(0)`` (:func:`distributed.max_shard_bytes`); empty otherwise.
+    shard_bytes: dict[int, int] = field(default_factory=dict)
+
+    def projector_bytes_per_rank(self, world_size: int) -> int:
+        """(k+1) T/rank under FSDP2 with ``world_size`` ranks: this rank's shards of the snapshot
+        and of the k directions."""
+        return sharded_projector_bytes(self.shard_bytes[world_size], self.num_directions)
 
     def _times(self, n: int) -> int | None:
         if n == 0:
@@ -299,6 +342,7 @@ class MemoryPlan:
         return {
             **{n: getattr(self, n) for n in names},
             **{p: getattr(self, p) for p in [*props, "total_bytes"]},
+            "projector_bytes_per_rank": {str(n): self.projector_bytes_per_rank(n) for n in self.shard_bytes},
         }
 
 
@@ -356,7 +400,13 @@ def _weights_dtype(model_args: Any, config: Any) -> torch.dtype:
 
 
 def trainable_parameter_set(config: Any, model_args: Any) -> tuple[int, int]:
-    """``(count, bytes)`` of the trainable parameters training will have, built on the meta device.
+    """``(count, bytes)`` of :func:`trainable_meta_parameters`."""
+    params = trainable_meta_parameters(config, model_args)
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def trainable_meta_parameters(config: Any, model_args: Any) -> list[torch.Tensor]:
+    """The trainable parameters training will have, built on the meta device (no memory).
 
     The model comes from ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")`` (no
     memory, no weights) in the dtype ``model_args.dtype`` loads; with ``use_peft`` the real PEFT
@@ -378,8 +428,7 @@ def trainable_parameter_set(config: Any, model_args: Any) -> tuple[int, int]:
                 model = get_peft_model(model, get_peft_config(model_args))
             except ValueError as err:
                 raise InputError(f"lora_target_modules: peft cannot wrap this model: {err}") from None
-    params = [p for p in model.parameters() if p.requires_grad]
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def plan_memory(
@@ -411,8 +460,29 @@ def plan_memory(
     config, origin = model_config(model, config_file)
     if config is None:
         return MemoryPlan(None, None, k, num_tasks, tracking, ema, origin)
-    count, size = trainable_parameter_set(config, model_args)
-    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin)
+    params = trainable_meta_parameters(config, model_args)
+    count, size = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    worlds = fsdp_world_sizes(training_args)
+    shards = {n: max_shard_bytes(params, n) for n in worlds}
+    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin, shards)
+
+
+def fsdp_world_sizes(training_args: Any) -> list[int]:
+    """World sizes to plan FSDP2 shards for: none without FSDP; else the load-time
+    ``distributed_config.fsdp_size`` (``model_init_kwargs``), the launched ``WORLD_SIZE``, or, in a
+    single-process dry run, 2, 4 and 8."""
+    kwargs = getattr(training_args, "model_init_kwargs", None) or {}
+    dist_config = kwargs.get("distributed_config") if isinstance(kwargs, Mapping) else None
+    if isinstance(dist_config, Mapping):
+        size = dist_config.get("fsdp_size")
+    else:
+        size = getattr(dist_config, "fsdp_size", None)
+    if size:
+        return [int(size)]
+    if not fsdp_requested(training_args):
+        return []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return [world] if world > 1 else [2, 4, 8]
 
 
 def human_bytes(n: float | None) -> str:
@@ -529,7 +599,7 @@ class FrontierPlan:
             training_args, model_args, tasks, list(training_args.capability_eval_datasets or {})
         )
         try:
-            check_arguments(training_args, dict.fromkeys(tasks))
+            check_arguments(training_args, dict.fromkeys(tasks), on_accelerator=True if forced_cpu else None)
         except InputError:
             raise
         except ValueError as err:
@@ -650,6 +720,13 @@ class FrontierPlan:
                 f"  total extra: {human_bytes(mem.total_bytes)} per process; checkpoint frontier_state.pt: "
                 f"{human_bytes(mem.checkpoint_bytes)}",
             ]
+        for n, shard in mem.shard_bytes.items():
+            lines.append(
+                f"  FSDP2 over {n} ranks (Shard(0)): T per rank {human_bytes(shard)}; projector (k+1) T/rank = "
+                f"{human_bytes(mem.projector_bytes_per_rank(n))} per rank (instead of "
+                f"{human_bytes(mem.projector_bytes)} unsharded); checkpoint frontier_state.rank<r>.pt: "
+                f"{human_bytes(mem.num_directions * shard)}"
+            )
         counts = {
             "directions_extra_bytes": mem.projector_bytes,  # (k+1) T, the projector alone
             "tracker_extra_bytes": mem.tracker_bytes,
@@ -657,6 +734,10 @@ class FrontierPlan:
             "checkpoint_bytes": mem.checkpoint_bytes,
         }
         lines += [f"  {name}: {value if value is not None else 'unknown'}" for name, value in counts.items()]
+        lines += [
+            f"  directions_extra_bytes_per_rank[{n}]: {mem.projector_bytes_per_rank(n)}"
+            for n in mem.shard_bytes
+        ]
         offline = self.offline
         lines.append(
             f"  not resolvable offline (checked at run time): {offline}"

@@ -419,19 +419,29 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
 
 
 def run_construct(model_dir: str, out: Path, rank: int, overrides: str) -> dict[str, Any]:
-    """Build the trainer with ``overrides`` (JSON) on the plain model; record the error, if any."""
+    """Build the trainer with the JSON config ``overrides`` on the plain model and record the error,
+    if any; then build it with projection='none' (no check) and record what accelerate runs."""
     cls = recording_trainer(model_dir)
-    try:
-        trainer = cls(
-            model=model_dir,
-            args=trainer_args(out / "construct", "nullspace", **json.loads(overrides)),
-            train_dataset=preference_dataset(8),
-            processing_class=build_tokenizer(),
-            capability_datasets=capability_datasets(),
-        )
-    except ValueError as err:
-        return {"error": str(err)}
-    return {"error": None, "num_processes": trainer.accelerator.num_processes}
+    result: dict[str, Any] = {}
+    for projection in ("nullspace", "none"):
+        try:
+            trainer = cls(
+                model=model_dir,
+                args=trainer_args(out / f"construct-{projection}", projection, **json.loads(overrides)),
+                train_dataset=preference_dataset(8),
+                processing_class=build_tokenizer(),
+                capability_datasets=capability_datasets(),
+            )
+        except ValueError as err:
+            result[projection] = {"error": str(err)}
+            continue
+        result[projection] = {
+            "error": None,
+            "num_processes": trainer.accelerator.num_processes,
+            "world_size_env": int(os.environ.get("WORLD_SIZE", "1")),
+            "sharded": any(type(p).__name__ == "DTensor" for p in trainer._unwrapped_model().parameters()),
+        }
+    return result
 
 
 def main() -> None:

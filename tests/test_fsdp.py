@@ -13,11 +13,24 @@ import logging
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
-from tiny import build_model_dir
+import torch
+from tiny import build_model_dir, build_tokenizer, capability_datasets, preference_dataset
+
+from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+from frontier_trainer.distributed import (
+    DEEPSPEED_REFUSAL,
+    check_fsdp_model,
+    max_shard_bytes,
+    shard_rows,
+    sharded_projector_bytes,
+)
+from frontier_trainer.plan import check_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +137,159 @@ def test_fsdp2_resume_equals_uninterrupted(raw: list[dict[str, Any]]) -> None:
     for result in raw:
         assert result["resume"]["max_abs_diff"] <= 1e-7
         assert "resume with the same number of processes" in result["resume"]["wrong_rank_error"]
+
+
+def test_fsdp2_refusals_in_the_sharded_run(raw: list[dict[str, Any]]) -> None:
+    """UpdateProjector refuses DTensors (per-shard inner products would be wrong, silently); a
+    parameter set with a plain tensor among the DTensors is refused naming the parameter."""
+    errors = raw[0]["refusals"]
+    assert "ShardedUpdateProjector" in errors["update_projector_on_dtensors"]
+    assert "b.weight is not sharded" in errors["partly_sharded"]
+
+
+# --------------------------------------------------------------------------------------
+# FrontierDPOTrainer under load-time FSDP2 (the supported CPU path) against DDP
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    _, results = launch("trainer", tmp_path_factory.mktemp("fsdp-trainer"))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["nullspace", "frontier"])
+def test_trainer_under_fsdp2_equals_ddp(trainer_runs: list[dict[str, Any]], mode: str) -> None:
+    """FrontierDPOTrainer on a model sharded by DistributedConfig(fsdp_size=2): the sharded projector
+    is used, final weights equal the DDP run's within 1e-6 relative, ranks agree on every
+    coefficient, and the projector state per rank is half of DDP's."""
+    for result in trainer_runs:
+        run = result["modes"][mode]
+        assert run["moved_rel"] > 1e-2
+        assert run["rel_diff_vs_ddp"] <= 1e-6, run["rel_diff_vs_ddp"]
+        assert len(run["fsdp"]) == len(run["ddp"]) == 4
+        assert {s["projector"] for s in run["fsdp"]} == {"ShardedUpdateProjector"}
+        for a, b in zip(run["fsdp"], run["ddp"], strict=True):
+            assert a["coefficients"] == pytest.approx(b["coefficients"], rel=1e-9, abs=1e-12)
+        assert run["peak_state_bytes"]["fsdp"] * 2 == run["peak_state_bytes"]["ddp"]
+    for s0, s1 in zip(
+        trainer_runs[0]["modes"][mode]["fsdp"], trainer_runs[1]["modes"][mode]["fsdp"], strict=True
+    ):
+        assert s0["coefficients"] == s1["coefficients"]
+
+
+def test_trainer_under_fsdp2_leak_against_gathered_directions(trainer_runs: list[dict[str, Any]]) -> None:
+    """Against directions the worker computes on a gathered copy from the batches the trainer drew:
+    null space leak ≤ 1e-6 with nonzero corrections; frontier ⟨ĉ_i, δ⟩ ≥ −ε‖u‖."""
+    steps = trainer_runs[0]["modes"]["nullspace"]["fsdp"]
+    assert max(max(s["gathered_leak"]) for s in steps) <= 1e-6
+    assert max(abs(c) for s in steps for c in s["coefficients"][1:]) > 1e-4
+    steps = trainer_runs[0]["modes"]["frontier"]["fsdp"]
+    assert min(min(s["gathered_signed"]) for s in steps) >= -0.01 - 1e-6
+
+
+def test_trainer_under_fsdp2_refuses_degradation_tracking(trainer_runs: list[dict[str, Any]]) -> None:
+    assert "degradation_tracking is not supported under FSDP2" in trainer_runs[0]["tracking_error"]
+
+
+# --------------------------------------------------------------------------------------
+# refusals of the silent fallbacks
+# --------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **overrides: Any) -> FrontierDPOConfig:
+    values: dict[str, Any] = dict(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        projection="nullspace",
+        degradation_tracking=False,
+    )
+    return FrontierDPOConfig(**{**values, **overrides})
+
+
+def test_fsdp_full_shard_on_cpu_is_refused(tmp_path: Path) -> None:
+    """fsdp='full_shard' + fsdp_version 2 + use_cpu would run plain DDP: refused at construction,
+    before the model is built, saying what would happen and how to get real FSDP2."""
+    with mock.patch.dict(os.environ):  # TrainingArguments with fsdp exports FSDP_* variables: keep them local
+        args = _config(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+        with pytest.raises(ValueError, match="then run plain DDP") as err:
+            FrontierDPOTrainer(
+                model=str(build_model_dir(tmp_path / "model")),
+                args=args,
+                train_dataset=preference_dataset(8),
+                processing_class=build_tokenizer(),
+                capability_datasets=capability_datasets(),
+            )
+    assert "DistributedConfig(fsdp_size=N)" in str(err.value)
+    assert "fsdp_version" in str(err.value)  # the GPU route
+
+
+def test_fsdp1_is_refused_on_an_accelerator(tmp_path: Path) -> None:
+    """FSDP1 flattens parameters: refused even where FSDP itself would run."""
+    args = types.SimpleNamespace(**vars(_config(tmp_path)))  # the fields TrainingArguments would hold
+    args.fsdp, args.fsdp_config = "full_shard", {"fsdp_version": 1}
+    with pytest.raises(ValueError, match="FSDP1"):
+        check_arguments(args, {"copy": None}, on_accelerator=True)
+    args.fsdp_config = {"fsdp_version": 2}
+    check_arguments(args, {"copy": None}, on_accelerator=True)  # FSDP2 on GPUs: allowed to proceed
+
+
+def test_deepspeed_stays_refused_with_the_reason(tmp_path: Path) -> None:
+    """DeepSpeed (accelerate's env switch or the deepspeed argument): refused, saying why (flat
+    partitions, steps inside backward) and what to use instead (FSDP2)."""
+    args = _config(tmp_path)
+    with (
+        mock.patch.dict(os.environ, {"ACCELERATE_USE_DEEPSPEED": "true"}),
+        pytest.raises(ValueError, match="flat 1-D fp32 partition") as err,
+    ):
+        check_arguments(args, {"copy": None})
+    assert str(err.value) == DEEPSPEED_REFUSAL and "use FSDP2 instead" in str(err.value)
+    args = _config(tmp_path)
+    object.__setattr__(args, "deepspeed", "ds_config.json")
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        check_arguments(args, {"copy": None})
+
+
+def test_accelerate_launch_use_fsdp_without_accelerator_is_refused(tmp_path: Path) -> None:
+    """`accelerate launch --use_fsdp --fsdp_version 2` on a CPU machine: without the check the
+    trainer builds and trains with plain, unsharded parameters; with projection it is refused."""
+    prefix = [
+        str(BIN / "accelerate"), "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(29900 + os.getpid() % 90),
+    ]  # fmt: skip
+    _, results = launch("construct", tmp_path, "{}", launcher=prefix)
+    for result in results:
+        assert result["none"]["error"] is None and result["none"]["sharded"] is False  # the silent fallback
+        message = result["nullspace"]["error"]
+        assert "accelerate launch --use_fsdp" in message and "does not shard anything" in message
+        assert "DistributedConfig(fsdp_size=N)" in message
+
+
+def test_check_fsdp_model_refusals() -> None:
+    """After construction: FSDP asked but plain tensors; more launched processes than accelerate
+    trains with (independent trainings); a plain run passes."""
+    params = [torch.nn.Parameter(torch.zeros(4, 2))]
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "1"}):
+        with pytest.raises(ValueError, match="not FSDP2 DTensors"):
+            check_fsdp_model(params, fsdp_wanted=True, num_processes=1)
+        check_fsdp_model(params, fsdp_wanted=False, num_processes=1)
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        with pytest.raises(ValueError, match="WORLD_SIZE=2 processes but accelerate trains with 1"):
+            check_fsdp_model(params, fsdp_wanted=False, num_processes=1)
+        check_fsdp_model(params, fsdp_wanted=False, num_processes=2)  # DDP
+
+
+def test_shard_sizes_follow_fsdp2_chunking() -> None:
+    """⌈d₀/N⌉ rows on the first ranks, the remainder on the last, none beyond (torch.chunk)."""
+    assert [shard_rows(10, 4, r) for r in range(4)] == [3, 3, 3, 1]
+    assert [shard_rows(2, 4, r) for r in range(4)] == [1, 1, 0, 0]
+    assert sum(shard_rows(4097, 8, r) for r in range(8)) == 4097
+    with torch.device("meta"):
+        params = [torch.empty(10, 3), torch.empty(7)]
+    assert max_shard_bytes(params, 4) == (3 * 3 + 2) * 4
+    assert max_shard_bytes(params, 1) == (30 + 7) * 4
+    assert sharded_projector_bytes(100, 2) == 300 and sharded_projector_bytes(100, 0) == 0
