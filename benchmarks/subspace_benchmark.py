@@ -242,6 +242,23 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, float]) -> list[dict[s
     return out
 
 
+def mean_summary(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean over seeds of every number in the per-seed summaries, config by config, with the
+    per-seed values of the headline numbers kept (``<key>_per_seed``)."""
+    out = []
+    for i, first in enumerate(per_seed[0]):
+        runs = [seed[i] for seed in per_seed]
+        row: dict[str, Any] = {"config": first["config"]}
+        for key, value in first.items():
+            if isinstance(value, float):
+                row[key] = statistics.fmean(r[key] for r in runs)
+                row[f"{key}_per_seed"] = [r[key] for r in runs]
+            elif isinstance(value, dict):
+                row[key] = {k: statistics.fmean(r[key][k] for r in runs) for k in value}
+        out.append(row)
+    return out
+
+
 def table(summary: list[dict[str, Any]]) -> str:
     caps = sorted(summary[0]["capability_loss"])
     head = "| config | time × vanilla | held-out leak | leak / unprojected | refusal gain kept | over-refusal Δ | " + " | ".join(
@@ -263,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=("lab", "real"), default="lab")
     parser.add_argument("--preset", default=None, help="arena preset (default lab-quick / smollm2-cpu)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=None, help="default: the preset's middle learning rate")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--probe-rows", type=int, default=16)
@@ -285,18 +302,25 @@ def main(argv: list[str] | None = None) -> None:
     del base_model
     out = args.output_dir / preset.name
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in tqdm(args.configs, desc="configs"):
-        logger.info("training %s", name)
-        rows.append(run_config(name, suite, preset, model_dir, lr, args.seed, out / "runs", args.probe_rows))
-        logger.info("%s: %s", name, json.dumps(rows[-1]))
-    summary = summarise(rows, base)
+    rows: list[dict[str, Any]] = []
+    per_seed: list[list[dict[str, Any]]] = []
+    for seed in args.seeds:
+        seed_rows = []
+        for name in tqdm(args.configs, desc=f"configs (seed {seed})"):
+            logger.info("seed %d: training %s", seed, name)
+            seed_rows.append(run_config(name, suite, preset, model_dir, lr, seed, out / "runs", args.probe_rows))
+            seed_rows[-1]["seed"] = seed
+            logger.info("%s: %s", name, json.dumps(seed_rows[-1]))
+        rows += seed_rows
+        per_seed.append(summarise(seed_rows, base))
+    summary = mean_summary(per_seed)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
         "preset": preset.name,
         "steps": preset.steps,
         "lr": lr,
-        "seed": args.seed,
+        "seeds": args.seeds,
+        "per_seed_summary": per_seed,
         "commit": commit,
         "machine": f"{platform.platform()}; torch {torch.__version__}; threads {torch.get_num_threads()}",
         "base": base,

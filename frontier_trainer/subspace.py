@@ -50,11 +50,12 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from frontier_trainer.arguments import CAPABILITY_ESTIMATORS
 from frontier_trainer.directions import CapabilitySampler, MetricFn, capability_gradients, completion_metric
 
 logger = logging.getLogger(__name__)
 
-ESTIMATORS = ("batch", "sketch")
+ESTIMATORS = CAPABILITY_ESTIMATORS
 """``capability_estimator`` choices: one batch gradient per direction, or the FD sketch."""
 
 _CHUNK = 1 << 22
