@@ -13,15 +13,18 @@ See :mod:`.evaluate` for the metrics, :mod:`.suites` for the data, :mod:`.stats`
 
 from frontier_trainer.evaluation.evaluate import evaluate_model, model_fingerprint, package_versions
 from frontier_trainer.evaluation.lm_eval_tasks import LmEvalTask, run_tasks
+from frontier_trainer.evaluation.real_suite import RealSuite
+from frontier_trainer.evaluation.registry import SUITES, get_suite
 from frontier_trainer.evaluation.report import Report
 from frontier_trainer.evaluation.stats import Estimate, bootstrap_interval, estimate, wilson_interval
-from frontier_trainer.evaluation.suites import SUITES, LabSuite, Suite, get_suite
+from frontier_trainer.evaluation.suites import LabSuite, Suite
 
 __all__ = [
     "SUITES",
     "Estimate",
     "LabSuite",
     "LmEvalTask",
+    "RealSuite",
     "Report",
     "Suite",
     "bootstrap_interval",

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from frontier_trainer.evaluation.lm_eval_tasks import run_tasks
+from frontier_trainer.evaluation.registry import get_suite
 from frontier_trainer.evaluation.report import Report
 from frontier_trainer.evaluation.stats import Estimate, estimate
-from frontier_trainer.evaluation.suites import Suite, check_limit, check_split, get_suite
+from frontier_trainer.evaluation.suites import Suite, check_limit, check_split
 
 logger = logging.getLogger(__name__)
 

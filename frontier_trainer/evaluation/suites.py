@@ -12,14 +12,15 @@ A :class:`Suite` supplies, for a split (``"validation"`` to choose settings, ``"
 
 ``limit`` caps every set and task at its first ``limit`` items (a fixed order), so a small ``limit``
 is a prefix of a larger one. Two suites ship: ``"lab"`` (:class:`LabSuite`) and ``"real"``
-(:class:`frontier_trainer.evaluation.real_suite.RealSuite`).
+(:class:`frontier_trainer.evaluation.real_suite.RealSuite`), registered by name in
+:mod:`frontier_trainer.evaluation.registry` (a separate module, so the import graph has no cycle).
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from frontier_trainer.evaluation.lm_eval_tasks import LmEvalTask
@@ -232,27 +233,3 @@ class LabSuite(Suite):
             "validation_fraction": self.validation_fraction,
             "partition": "lab 'eval' split divided by blake2b('lab-eval' + prompt) into validation/test",
         }
-
-
-SuiteFactory = Callable[[], Suite]
-
-
-def _real_suite() -> Suite:
-    from frontier_trainer.evaluation.real_suite import RealSuite
-
-    return RealSuite()
-
-
-SUITES: dict[str, SuiteFactory] = {"lab": LabSuite, "real": _real_suite}
-"""Registered suites by name: ``get_suite(name)`` builds one with its defaults."""
-
-
-def get_suite(suite: str | Suite) -> Suite:
-    """A :class:`Suite` instance from a name in :data:`SUITES` (or the instance itself)."""
-    if isinstance(suite, Suite):
-        return suite
-    if not isinstance(suite, str) or suite not in SUITES:
-        raise ValueError(
-            f"suite={suite!r} is not a known suite; use one of {sorted(SUITES)} or a Suite instance."
-        )
-    return SUITES[suite]()
