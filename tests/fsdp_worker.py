@@ -390,6 +390,10 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
             )
             assert trainer.args.world_size == 2, trainer.args.world_size
             trainer.train()
+            if kind == "fsdp" and projection == "nullspace":  # the mixin's per-rank state, saved
+                trainer._save_optimizer_and_scheduler(str(out / "ckpt"))
+                saved_directions = [[t.clone() for t in d] for d in trainer.projector.directions]
+                saved_position = trainer.capability_sampler.state_dict()
             params = [p for p in trainer._unwrapped_model().parameters() if p.requires_grad]
             runs[kind] = {
                 "theta": full(params),
@@ -404,6 +408,27 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
             "ddp": runs["ddp"]["records"],
             "peak_state_bytes": {k: v["bytes"] for k, v in runs.items()},
         }
+    dist.barrier()
+    resumed = cls(
+        model=sharded(),
+        args=trainer_args(out / "resumed", "nullspace"),
+        train_dataset=preference_dataset(32),
+        processing_class=build_tokenizer(),
+        capability_datasets=capability_datasets(),
+    )
+    resumed.create_optimizer_and_scheduler(num_training_steps=STEPS)
+    resumed._load_optimizer_and_scheduler(str(out / "ckpt"))
+    loaded = resumed.projector.directions
+    result["state_files"] = sorted(p.name for p in (out / "ckpt").glob("frontier_state*"))
+    result["state_round_trip"] = (
+        len(loaded) == len(saved_directions)
+        and all(
+            torch.equal(a, b)
+            for da, db in zip(loaded, saved_directions, strict=True)
+            for a, b in zip(da, db, strict=True)
+        )
+        and resumed.capability_sampler.state_dict() == saved_position
+    )
     try:
         cls(
             model=sharded(),
