@@ -80,8 +80,9 @@ STATE_FILE = "frontier_state.pt"
 # --------------------------------------------------------------------------------------
 
 #: Refuse, before any model is built, a setup the projection cannot make exact (the capability
-#: tasks against tolerances and metrics; DeepSpeed, FSDP, optimizers stepping inside backward,
-#: reentrant checkpointing, fp16 without CUDA). Kept under this name for existing callers.
+#: tasks against tolerances and metrics; DeepSpeed, FSDP on the CPU or FSDP1 (FSDP2 is supported:
+#: frontier_trainer.distributed), optimizers stepping inside backward, reentrant checkpointing,
+#: fp16 without CUDA). Kept under this name for existing callers.
 check_frontier_setup = check_arguments
 
 
