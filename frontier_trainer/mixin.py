@@ -60,7 +60,13 @@ from frontier_trainer.directions import (
     complete_prompt_only_sources,
     completion_metric,
 )
-from frontier_trainer.distributed import fsdp_requested, is_sharded, make_projector, state_file_name
+from frontier_trainer.distributed import (
+    HOW_TO_FSDP2,
+    fsdp_requested,
+    is_sharded,
+    make_projector,
+    state_file_name,
+)
 from frontier_trainer.plan import check_arguments, check_model
 from frontier_trainer.projection import StepReport, UpdateProjector
 from frontier_trainer.subspace import sketch_task_directions
@@ -265,13 +271,18 @@ class FrontierMixin:
         return projector
 
     def _check_setup_after_init(self) -> None:
-        """DeepSpeed/FSDP enabled through accelerate, or low-precision trainable weights: refused."""
+        """DeepSpeed/FSDP enabled through accelerate, or low-precision trainable weights: refused.
+
+        With accelerate's FSDP plugin (GPUs) the model is sharded later, in ``train()``'s prepare:
+        the projector is rebuilt over the DTensors at the first step (``_sync_tracked_parameters``)
+        and :meth:`_before_optimizer_step` refuses it if they are still plain tensors then."""
+        #: accelerate's FSDP plugin shards at prepare: the first step must see DTensors
+        self._expect_sharded = bool(getattr(self, "is_fsdp_enabled", False))
         check_model(
             self._unwrapped_model(),
             deepspeed_enabled=bool(getattr(self, "is_deepspeed_enabled", False)),
-            fsdp_enabled=bool(getattr(self, "is_fsdp_enabled", False)),
             owner=type(self).__name__,
-            fsdp_wanted=fsdp_requested(self.args),
+            fsdp_wanted=fsdp_requested(self.args) and not self._expect_sharded,
             num_processes=self.accelerator.num_processes,
             degradation_tracking=self.degradation_callback is not None,
             capability_space=getattr(self.args, "capability_space", "gradient"),
@@ -398,6 +409,12 @@ class FrontierMixin:
         refreshed = False
         if self.projector is not None:
             self._sync_tracked_parameters()
+            if getattr(self, "_expect_sharded", False) and not is_sharded(self.projector.params):
+                raise ValueError(
+                    f"{type(self).__name__}: accelerate's FSDP plugin is enabled but the parameters the optimizer "
+                    "updates are plain tensors at the first step, not FSDP2 DTensors: the run is not sharded "
+                    "(FSDP1, or a fallback). " + HOW_TO_FSDP2
+                )
             refreshed = (
                 self._force_refresh
                 or self.projector.num_directions == 0

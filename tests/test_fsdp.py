@@ -448,3 +448,23 @@ def test_gpu_fsdp_check_cpu_path(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["consistent"] is True
     assert result["rel_diff_vs_ddp"] <= 1e-6 and result["max_leak_fsdp"] <= 1e-6
+
+
+def test_accelerate_fsdp_plugin_must_shard_by_the_first_step(tmp_path: Path) -> None:
+    """With accelerate's FSDP plugin (GPUs) the model is sharded in train()'s prepare, after
+    construction, so the check waits for the first optimizer step: plain tensors there are
+    refused. Emulated on the CPU by marking a plain trainer as expecting the plugin's sharding
+    (the GPU route itself cannot run here: no accelerator)."""
+    trainer = FrontierDPOTrainer(
+        model=str(build_model_dir(tmp_path / "model")),
+        args=_config(
+            tmp_path, per_device_train_batch_size=2, activation_checkpointing=False, save_strategy="no"
+        ),
+        train_dataset=preference_dataset(8),
+        processing_class=build_tokenizer(),
+        capability_datasets=capability_datasets(),
+    )
+    assert trainer._expect_sharded is False  # no plugin here: nothing deferred
+    trainer._expect_sharded = True
+    with pytest.raises(ValueError, match="FSDP plugin is enabled but the parameters the optimizer updates"):
+        trainer.train()
