@@ -54,7 +54,7 @@ from benchmarks.arena.protocol import (
     common_train_args,
 )
 from benchmarks.arena.suites import make_suite
-from frontier_trainer.directions import build_capability_sampler, capability_gradients
+from frontier_trainer.directions import build_capability_sampler, capability_gradients, completion_metric
 
 logger = logging.getLogger("subspace_benchmark")
 
@@ -74,6 +74,16 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
         capability_batch_size=4,
         capability_sketch_batches=8,
         capability_ema=0.5,
+    ),
+    "sketch-r1": dict(
+        capability_estimator="sketch", capability_refresh_steps=1, capability_batch_size=4, capability_sketch_batches=8
+    ),
+    "sketch-r1-k4": dict(
+        capability_estimator="sketch",
+        capability_refresh_steps=1,
+        capability_batch_size=4,
+        capability_sketch_batches=8,
+        capability_rank=4,
     ),
     "sketch-r10-small": dict(
         capability_estimator="sketch", capability_refresh_steps=10, capability_batch_size=2, capability_sketch_batches=4
@@ -108,6 +118,25 @@ class HeldOutLeakProbe(TrainerCallback):
         self.leaks: dict[str, list[float]] = {t: [] for t in self.sampler.tasks}
         self.seconds: list[float] = []
         self._before: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _metrics(self, model: Any) -> dict[str, float]:
+        model = getattr(model, "module", model)
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            return {t: float(completion_metric(model, {k: v.to(device) for k, v in b.items()})) for t, b in self.batches.items()}
+        finally:
+            model.train(was_training)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = self._metrics(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        after = self._metrics(model)
+        #: held-out mean completion NLL rise per task (capability loss; > 0 is damage)
+        self.nll_rise = {t: self.before[t] - after[t] for t in after}
 
     def _params(self, model: Any) -> list[torch.nn.Parameter]:
         model = getattr(model, "module", model)
@@ -152,7 +181,15 @@ def held_out_capability(suite_name: str, preset: Any, n: int) -> dict[str, Any]:
 
 
 def run_config(
-    name: str, suite: Any, preset: Any, model_dir: str, lr: float, seed: int, out: Path, probe_rows: int
+    name: str,
+    suite: Any,
+    preset: Any,
+    model_dir: str,
+    lr: float,
+    seed: int,
+    out: Path,
+    probe_rows: int,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Train one configuration; return its timing, held-out leak and validation quality."""
     from trl import DPOConfig, DPOTrainer
@@ -164,7 +201,7 @@ def run_config(
     model, tok = suite.load(model_dir)
     common = {k: v for k, v in common_train_args(preset, out / name, lr, seed).items() if v is not None}
     timer = StepTimer()
-    max_length = preset.max_length or 512
+    max_length = 512  # the probe keeps long held-out rows (HumanEval) that a 128-token trainer limit drops
     probe = HeldOutLeakProbe(
         held_out_capability(preset.suite, preset, probe_rows), tok, max_length=max_length, rows=probe_rows
     )
@@ -200,9 +237,12 @@ def run_config(
     trainer.train()
     step = [t - p for t, p in zip(timer.times, probe.seconds, strict=False)]
     trained = trainer.model
-    samples = suite.evaluate_fast(trained, tok, None, "validation") if preset.suite == "lab" else suite.evaluate(
-        trained, tok, None, "validation"
-    )
+    if not evaluate:
+        samples: dict[str, list[float]] = {}
+    elif preset.suite == "lab":
+        samples = suite.evaluate_fast(trained, tok, None, "validation")
+    else:
+        samples = suite.evaluate(trained, tok, None, "validation")
     leaks = {t: statistics.fmean(v) for t, v in probe.leaks.items() if v}
     return {
         "config": name,
@@ -211,34 +251,40 @@ def run_config(
         "step_time_median": statistics.median(step),
         "held_out_leak": leaks,
         "held_out_leak_mean": statistics.fmean(leaks.values()),
+        "held_out_nll_rise": probe.nll_rise,
         "metrics": {k: statistics.fmean(v) for k, v in samples.items() if v},
     }
 
 
 def summarise(rows: list[dict[str, Any]], base: dict[str, float]) -> list[dict[str, Any]]:
     vanilla = next(r for r in rows if r["config"] == "vanilla")
-    caps = [k for k in base if k.startswith(CAPABILITY_PREFIX)]
-    v_loss = {k: base[k] - vanilla["metrics"][k] for k in caps}
-    v_gain = vanilla["metrics"][REFUSAL] - base[REFUSAL]
     out = []
     for r in rows:
-        m = r["metrics"]
-        loss = {k: base[k] - m[k] for k in caps}
-        out.append(
-            {
-                "config": r["config"],
-                "time_ratio": r["step_time_mean"] / vanilla["step_time_mean"],
-                "held_out_leak": r["held_out_leak_mean"],
-                "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
-                "refusal_gain": m[REFUSAL] - base[REFUSAL],
-                "refusal_gain_kept": (m[REFUSAL] - base[REFUSAL]) / v_gain if v_gain else float("nan"),
-                "over_refusal_change": m[OVER_REFUSAL] - base[OVER_REFUSAL],
-                "capability_loss": loss,
-                "capability_loss_vs_vanilla": {
-                    k: (loss[k] / v_loss[k] if v_loss[k] > 0 else float("nan")) for k in caps
-                },
-            }
-        )
+        row: dict[str, Any] = {
+            "config": r["config"],
+            "time_ratio": r["step_time_mean"] / vanilla["step_time_mean"],
+            "held_out_leak": r["held_out_leak_mean"],
+            "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
+            "held_out_nll_rise": r["held_out_nll_rise"],
+            "nll_rise_vs_vanilla": {
+                t: (v / vanilla["held_out_nll_rise"][t] if vanilla["held_out_nll_rise"][t] > 0 else float("nan"))
+                for t, v in r["held_out_nll_rise"].items()
+            },
+        }
+        if base:
+            caps = [k for k in base if k.startswith(CAPABILITY_PREFIX)]
+            v_loss = {k: base[k] - vanilla["metrics"][k] for k in caps}
+            v_gain = vanilla["metrics"][REFUSAL] - base[REFUSAL]
+            m = r["metrics"]
+            loss = {k: base[k] - m[k] for k in caps}
+            row.update(
+                refusal_gain=m[REFUSAL] - base[REFUSAL],
+                refusal_gain_kept=(m[REFUSAL] - base[REFUSAL]) / v_gain if v_gain else float("nan"),
+                over_refusal_change=m[OVER_REFUSAL] - base[OVER_REFUSAL],
+                capability_loss=loss,
+                capability_loss_vs_vanilla={k: (loss[k] / v_loss[k] if v_loss[k] > 0 else float("nan")) for k in caps},
+            )
+        out.append(row)
     return out
 
 
@@ -260,6 +306,19 @@ def mean_summary(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
+    if "capability_loss" not in summary[0]:
+        tasks = sorted(summary[0]["held_out_nll_rise"])
+        head = "| config | time × vanilla | held-out leak | leak / unprojected | " + " | ".join(
+            f"{t} NLL rise / vanilla" for t in tasks
+        ) + " |"
+        lines = [head, "|" + "---|" * (4 + len(tasks))]
+        for s in summary:
+            lines.append(
+                f"| {s['config']} | {s['time_ratio']:.2f} | {s['held_out_leak']:.4f} | {s['leak_vs_unprojected']:.2f} | "
+                + " | ".join(f"{s['nll_rise_vs_vanilla'][t]:.2f}" for t in tasks)
+                + " |"
+            )
+        return "\n".join(lines)
     caps = sorted(summary[0]["capability_loss"])
     head = "| config | time × vanilla | held-out leak | leak / unprojected | refusal gain kept | over-refusal Δ | " + " | ".join(
         f"{c.removeprefix(CAPABILITY_PREFIX)} loss" for c in caps
@@ -284,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: the preset's middle learning rate")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--probe-rows", type=int, default=16)
+    parser.add_argument(
+        "--no-eval", action="store_true", help="skip the generation-based validation scores (timing, leak, NLL only)"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/subspace"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -296,10 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     lr = args.lr if args.lr is not None else preset.learning_rates[len(preset.learning_rates) // 2]
     suite = make_suite(preset)
     model_dir = suite.base_model(preset.pretrain_seeds[0])
-    base_model, tok = suite.load(model_dir)
-    evaluate = suite.evaluate_fast if preset.suite == "lab" else suite.evaluate
-    base = {k: statistics.fmean(v) for k, v in evaluate(base_model, tok, None, "validation").items() if v}
-    del base_model
+    base: dict[str, float] = {}
+    if not args.no_eval:
+        base_model, tok = suite.load(model_dir)
+        evaluate = suite.evaluate_fast if preset.suite == "lab" else suite.evaluate
+        base = {k: statistics.fmean(v) for k, v in evaluate(base_model, tok, None, "validation").items() if v}
+        del base_model
     out = args.output_dir / preset.name
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -308,7 +372,11 @@ def main(argv: list[str] | None = None) -> None:
         seed_rows = []
         for name in tqdm(args.configs, desc=f"configs (seed {seed})"):
             logger.info("seed %d: training %s", seed, name)
-            seed_rows.append(run_config(name, suite, preset, model_dir, lr, seed, out / "runs", args.probe_rows))
+            seed_rows.append(
+                run_config(
+                    name, suite, preset, model_dir, lr, seed, out / "runs", args.probe_rows, evaluate=not args.no_eval
+                )
+            )
             seed_rows[-1]["seed"] = seed
             logger.info("%s: %s", name, json.dumps(seed_rows[-1]))
         rows += seed_rows
