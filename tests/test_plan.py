@@ -39,14 +39,9 @@ COMMAND_MODULES = {
 }
 """Modules that are command-line applications (entry points in pyproject.toml, and the demo)."""
 
-KNOWN_EDGES = {
-    # Allow-list of known edges, fixed by other helpers in parallel; the lead empties it at
-    # integration, after which the graph must have no cycle and no library -> command edge at all.
-    ("frontier_trainer.real.data", "frontier_trainer.real.judge"),  # cycle real/data <-> real/judge
-    # Found by this test in commit 1c65def (not one of the two known ones): evaluation/suites.py's
-    # _real_suite() imports evaluation/real_suite.py, which imports Suite & co. from suites at the top.
-    ("frontier_trainer.evaluation.suites", "frontier_trainer.evaluation.real_suite"),
-}
+KNOWN_EDGES: set[tuple[str, str]] = set()
+"""Edges the graph test tolerates: none (the real/data <-> real/judge and evaluation/suites <->
+real_suite cycles are gone; keep it empty)."""
 
 
 @pytest.fixture(autouse=True)
