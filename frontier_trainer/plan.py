@@ -179,12 +179,16 @@ def check_model(
     if deepspeed_enabled:
         raise ValueError(f"{owner}: DeepSpeed was enabled through the accelerate config; {DEEPSPEED_REFUSAL}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    check_fsdp_model(
-        [p for _, p in named],
-        fsdp_wanted=fsdp_wanted or fsdp_enabled,
-        num_processes=num_processes if num_processes is not None else int(os.environ.get("WORLD_SIZE", "1")),
-        names=[n for n, _ in named],
-    )
+    processes = num_processes if num_processes is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check_fsdp_model(
+            [p for _, p in named],
+            fsdp_wanted=fsdp_wanted or fsdp_enabled,
+            num_processes=processes,
+            names=[n for n, _ in named],
+        )
+    except ValueError as err:
+        raise ValueError(f"{owner} (DeepSpeed/FSDP engine check): {err}") from None
     if degradation_tracking and is_sharded([p for _, p in named]):
         raise ValueError(
             f"{owner}: degradation_tracking is not supported under FSDP2 yet (its gradients and snapshot have "
