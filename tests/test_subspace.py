@@ -186,3 +186,29 @@ def test_sketch_directions_are_the_tasks_own_gradients(tmp_path) -> None:
     # the sampler advanced by exactly three batches of 'count' and none of 'copy'
     assert sampler.state_dict() == replay.state_dict() or sampler.state_dict()["tasks"]["copy"]["cursor"] == 0
     assert sampler.state_dict()["tasks"]["count"] == replay.state_dict()["tasks"]["count"]
+
+
+def test_sketch_task_directions_seeds_with_previous_directions(tmp_path) -> None:
+    """capability_ema across refreshes: the previous directions enter with weight ema and the window's
+    gradient with (1 − ema) / n, exactly (no shrink): eigenvalues of [√ema·D_old; √((1−ema)/n)·g]."""
+    model, tok, data = _tiny_setup(tmp_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sampler = build_capability_sampler(data, tok, max_length=32, batch_size=2, seed=7)
+    replay = build_capability_sampler(data, tok, max_length=32, batch_size=2, seed=7)
+    old = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    old[:5] = 0.3
+    previous = [[t.float() for t in as_params(old, params)]]
+    result = sketch_task_directions(
+        model, params, sampler, "copy", rank=2, num_batches=1, oversample=2, previous=previous, ema=0.5
+    )
+    g = flatten(capability_gradients(model, params, replay.next_batch("copy"))[1]).double()
+    expected = torch.linalg.svdvals(torch.stack([0.5**0.5 * old, 0.5**0.5 * g])) ** 2
+    assert result.eigenvalues == pytest.approx(expected.tolist(), rel=1e-4)
+
+
+def as_params(flat_vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in params:
+        out.append(flat_vector[start : start + p.numel()].reshape(p.shape).clone())
+        start += p.numel()
+    return out
