@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ from frontier_trainer.distributed import (
 from frontier_trainer.projection import UpdateProjector
 
 TASKS = ("copy", "count")
+#: Every trainer built here stays referenced until the process exits: destroying one mid-run can hit
+#: the same native abort as the exit-time one (field notes §4), before the result file is written.
+ALIVE: list[Any] = []
 TOLERANCE = 0.01
 STEPS = 4
 
@@ -388,6 +392,7 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
                 processing_class=build_tokenizer(),
                 capability_datasets=capability_datasets(),
             )
+            ALIVE.append(trainer)
             assert trainer.args.world_size == 2, trainer.args.world_size
             trainer.train()
             if kind == "fsdp" and projection == "nullspace":  # the mixin's per-rank state, saved
@@ -416,6 +421,7 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
         processing_class=build_tokenizer(),
         capability_datasets=capability_datasets(),
     )
+    ALIVE.append(resumed)
     resumed.create_optimizer_and_scheduler(num_training_steps=STEPS)
     resumed._load_optimizer_and_scheduler(str(out / "ckpt"))
     loaded = resumed.projector.directions
@@ -460,6 +466,7 @@ def run_construct(model_dir: str, out: Path, rank: int, overrides: str) -> dict[
         except ValueError as err:
             result[projection] = {"error": str(err)}
             continue
+        ALIVE.append(trainer)
         result[projection] = {
             "error": None,
             "num_processes": trainer.accelerator.num_processes,
@@ -473,15 +480,21 @@ def main() -> None:
     mode, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
-    if mode == "raw":
-        dist.init_process_group("gloo")
-        result = run_raw(model_dir, out, rank)
-    elif mode.startswith("trainer"):
-        result = run_trainer(model_dir, out, rank)
-    elif mode.startswith("construct"):
-        result = run_construct(model_dir, out, rank, sys.argv[4])
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
+    try:
+        if mode == "raw":
+            dist.init_process_group("gloo")
+            result = run_raw(model_dir, out, rank)
+        elif mode.startswith("trainer"):
+            result = run_trainer(model_dir, out, rank)
+        elif mode.startswith("construct"):
+            result = run_construct(model_dir, out, rank, sys.argv[4])
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
+    except Exception:  # the test shows this rank's own traceback, not the peer's broken pipe
+        (out / f"{mode}.rank{rank}.json").write_text(
+            json.dumps({"complete": False, "error": traceback.format_exc()})
+        )
+        raise
     result["rank"] = rank
     result["complete"] = True
     (out / f"{mode}.rank{rank}.json").write_text(json.dumps(result))

@@ -70,10 +70,14 @@ def read_results(proc: subprocess.CompletedProcess[str], out: Path, mode: str) -
     results = []
     for rank in (0, 1):
         path = out / f"{mode}.rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no result (exit code {proc.returncode}):\n{log}"
+        if not path.exists():
+            others = [json.loads(p.read_text()).get("error", "") for p in out.glob(f"{mode}.rank*.json")]
+            raise AssertionError(
+                f"rank {rank} wrote no result (exit code {proc.returncode}); other ranks: {others}\n{log}"
+            )
         data = json.loads(path.read_text())
         assert data.get("complete") is True, (
-            f"rank {rank}'s result is incomplete (exit {proc.returncode}):\n{log}"
+            f"rank {rank} failed (exit {proc.returncode}):\n{data.get('error', '')[-3000:]}\n{log}"
         )
         results.append(data)
     if proc.returncode != 0:
