@@ -242,10 +242,20 @@ class FrontierMixin:
             named = [(n, p) for n, p in self._unwrapped_model().named_parameters() if p.requires_grad]
             if args.capability_space != "activation":
                 self.projector = self._new_projector([p for _, p in named])
+                self._check_estimator_supported()
             if args.capability_space in ("activation", "both"):
                 self.activation_projector = self._new_activation_projector()
 
     # ------------------------------------------------------------------ construction
+
+    def _check_estimator_supported(self) -> None:
+        """The sketch estimator has no sharded path: refused with a sharded (FSDP2) projector."""
+        if self.args.capability_estimator == "sketch" and getattr(self.projector, "capability_gradients", None):
+            raise ValueError(
+                "capability_estimator='sketch' does not support a sharded (FSDP2) projector yet: its capability "
+                "gradients are local shards, which the sketch would all-reduce as if they were whole. Use "
+                "capability_estimator='batch' with FSDP2."
+            )
 
     def _new_projector(self, params: list[torch.nn.Parameter]) -> UpdateProjector:
         args = self.args
@@ -559,12 +569,7 @@ class FrontierMixin:
         params = self.projector.params
         ema = float(self.args.capability_ema)
         sketch = self.args.capability_estimator == "sketch"
-        if sketch and getattr(self.projector, "capability_gradients", None) is not None:
-            raise ValueError(
-                "capability_estimator='sketch' does not support a sharded (FSDP2) projector yet: its capability "
-                "gradients are local shards, which the sketch would all-reduce as if they were whole. Use "
-                "capability_estimator='batch' with FSDP2."
-            )
+        self._check_estimator_supported()  # again: accelerate's FSDP rebuilds the projector at step 0
         old = self.projector.directions
         if ema == 0:
             # drop the previous directions before computing new ones: peak stays (k+1)x parameters

@@ -446,6 +446,17 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
         result["tracking_error"] = None
     except ValueError as err:
         result["tracking_error"] = str(err)
+    try:  # the sketch estimator has no sharded path: refused at construction, before training
+        cls(
+            model=sharded(),
+            args=trainer_args(out / "sketch", "nullspace", capability_estimator="sketch"),
+            train_dataset=preference_dataset(8),
+            processing_class=build_tokenizer(),
+            capability_datasets=capability_datasets(),
+        )
+        result["sketch_error"] = None
+    except ValueError as err:
+        result["sketch_error"] = str(err)
     return result
 
 

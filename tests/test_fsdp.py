@@ -203,8 +203,11 @@ def test_trainer_under_fsdp2_saves_and_loads_its_state_per_rank(trainer_runs: li
         assert result["state_round_trip"] is True
 
 
-def test_trainer_under_fsdp2_refuses_degradation_tracking(trainer_runs: list[dict[str, Any]]) -> None:
+def test_trainer_under_fsdp2_refuses_what_has_no_sharded_path(trainer_runs: list[dict[str, Any]]) -> None:
+    """The degradation tracker and the sketch estimator: refused at construction, before training."""
     assert "degradation_tracking is not supported under FSDP2" in trainer_runs[0]["tracking_error"]
+    sketch_error = trainer_runs[0]["sketch_error"] or ""
+    assert "capability_estimator='sketch' does not support a sharded (FSDP2) projector" in sketch_error
 
 
 # --------------------------------------------------------------------------------------
