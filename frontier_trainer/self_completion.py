@@ -184,7 +184,13 @@ def _render(tokenizer: Any, prompt: str | list[dict[str, str]], use_chat_templat
     return prompt
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+def special_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, list[int]]:
+    """``(pad_id, eos_ids)`` for generation: the model's generation-config eos id(s) plus the
+    tokenizer's eos; pad is the tokenizer's pad token, else the first eos.
+
+    Raises:
+        ValueError: neither the tokenizer nor the model defines an eos token.
+    """
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
@@ -194,8 +200,9 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     if not ids:
-        raise ValueError("self-completion: the tokenizer and the model define no eos token; generation cannot stop.")
-    return ids
+        raise ValueError("the tokenizer and the model define no eos token; generation could not stop.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
+    return int(pad), ids
 
 
 @torch.no_grad()
@@ -210,8 +217,7 @@ def greedy_continuations(
 ) -> list[str]:
     """Greedy continuation of each text (left-padded batches, longest first), cut after the first
     eos token, which is kept; decoded with special tokens so the eos survives as text."""
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id, eos_ids = special_token_ids(model, tokenizer)
     encoded = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     if any(not ids for ids in encoded):
         raise ValueError("self-completion: a prompt tokenised to zero tokens.")
@@ -321,5 +327,6 @@ __all__ = [
     "greedy_continuations",
     "is_prompt_only",
     "model_fingerprint",
+    "special_token_ids",
     "tokenizer_fingerprint",
 ]

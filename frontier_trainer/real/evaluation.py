@@ -33,6 +33,7 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from frontier_trainer.directions import CapabilitySampler, tokenize_capability_dataset
+from frontier_trainer.self_completion import special_token_ids
 from frontier_trainer.tracking import dataset_metric
 
 logger = logging.getLogger(__name__)
@@ -81,25 +82,8 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def _special_ids(model: nn.Module, tokenizer: Any) -> tuple[int, list[int]]:
-    """``(pad_id, eos_ids)``: the tokenizer's eos plus the model's generation eos id(s).
-
-    Raises:
-        ValueError: neither the tokenizer nor the model defines an eos token.
-    """
-    eos: list[int] = []
-    config = getattr(model, "generation_config", None)
-    configured = getattr(config, "eos_token_id", None) if config is not None else None
-    if isinstance(configured, int):
-        eos.append(configured)
-    elif configured is not None:
-        eos.extend(int(i) for i in configured)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(int(tokenizer.eos_token_id))
-    if not eos:
-        raise ValueError("the tokenizer and the model define no eos token; generation could not stop.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    return int(pad), eos
+#: ``(pad_id, eos_ids)`` for generation; one definition, in the core (self-completion uses it too).
+_special_ids = special_token_ids
 
 
 def _chat_ids(tokenizer: Any, prompt: str, system_prompt: str | None) -> list[int]:
