@@ -31,6 +31,7 @@ from frontier_trainer.evaluation.registry import get_suite
 from frontier_trainer.evaluation.report import Report
 from frontier_trainer.evaluation.stats import Estimate, estimate
 from frontier_trainer.evaluation.suites import Suite, check_limit, check_split
+from frontier_trainer.self_completion import model_fingerprint as weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +50,10 @@ def package_versions() -> dict[str, str | None]:
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), plus counts and class name."""
-    digest = hashlib.sha256()
-    n_params = 0
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        n_params += t.numel()
-    return {"sha256": digest.hexdigest(), "class": type(model).__name__, "numel": n_params}
+    """The weights' SHA-256 (:func:`frontier_trainer.self_completion.model_fingerprint`: every
+    parameter and buffer's name, dtype, shape and bytes), plus the class name and element count."""
+    numel = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    return {"sha256": weights_sha256(model), "class": type(model).__name__, "numel": numel}
 
 
 def _sha256_json(items: Any) -> str:
