@@ -477,3 +477,30 @@ def test_render_tables_from_results_files(tmp_path: Path) -> None:
         render_tables.render_text("<!-- table:bogus -->\n<!-- /table:bogus -->", results)
     with pytest.raises(FileNotFoundError, match="results file missing"):
         render_tables.render_text("<!-- table:arena-gpu -->\n<!-- /table:arena-gpu -->", results)
+
+
+def test_completion_kl_equals_an_unpadded_hand_computation(tmp_path: Path) -> None:
+    """The lab scorer's per-pair KL(model ‖ base) over completion tokens, batched with padding,
+    equals the same quantity computed one unpadded pair at a time."""
+    import torch
+    from tiny import build_model_dir, build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.arena.suites import completion_kl
+
+    path = build_model_dir(tmp_path / "m")
+    model, base = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        base.lm_head.weight.add_(0.05 * torch.randn_like(base.lm_head.weight))
+    tok = build_tokenizer()
+    pairs = [("copy w1 w2 =>", " w1 w2"), ("count w3 =>", " w4 w5 w6"), ("harm w1 =>", " sorry")]
+    batched = completion_kl(model, base, tok, pairs, batch_size=2)
+    for (prompt, completion), got in zip(pairs, batched, strict=True):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.float(), -1)[0]
+            lq = torch.log_softmax(base(ids).logits.float(), -1)[0]
+        kl = (lp.exp() * (lp - lq)).sum(-1)[len(p) - 1 : len(p) + len(c) - 1].mean()
+        assert got == pytest.approx(float(kl), abs=1e-6) and got > 0

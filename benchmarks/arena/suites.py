@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from frontier_trainer.lab.evaluation import completion_batch
+
 from .presets import Preset
 from .protocol import (
     CAPABILITY_PREFIX,
@@ -51,22 +53,13 @@ def completion_kl(
     model: Any, base: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 64
 ) -> list[float]:
     """Per-pair mean per-token KL(model ‖ base) over the completion tokens, teacher-forced (nats)."""
-    pad = tokenizer.pad_token_id
     out: list[float] = []
+    device = next(model.parameters()).device
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        p_ids = tokenizer([p for p, _ in chunk], add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer([c for _, c in chunk], add_special_tokens=False)["input_ids"]
-        seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        for j, (p, s) in enumerate(zip(p_ids, seqs, strict=True)):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-            target[j, len(p) - 1 : len(s) - 1] = True  # positions predicting completion tokens
-        device = next(model.parameters()).device
+        ids, mask, completion = completion_batch(tokenizer, pairs[i : i + batch_size])
+        # the logits at position t predict token t + 1: shift the completion positions back by one
+        target = torch.zeros_like(completion)
+        target[:, :-1] = completion[:, 1:]
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         lq = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), -1)

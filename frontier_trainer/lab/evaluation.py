@@ -100,6 +100,26 @@ def generate_responses(
     return out
 
 
+def completion_batch(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, completion)`` for (prompt, completion) pairs, no
+    special tokens; ``completion`` is True at the completion tokens' positions."""
+    pad = tokenizer.pad_token_id
+    p_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids, dtype=torch.bool)
+    for j, (p, seq) in enumerate(zip(p_ids, seqs, strict=True)):
+        ids[j, : len(seq)] = torch.tensor(seq)
+        mask[j, : len(seq)] = 1
+        completion[j, len(p) : len(seq)] = True
+    return ids, mask, completion
+
+
 @torch.no_grad()
 def completion_nll(
     model: PreTrainedModel,
@@ -112,23 +132,10 @@ def completion_nll(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     result: list[float] = []
     try:
         for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            p_ids = tokenizer([p for p, _ in chunk], add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer([c for _, c in chunk], add_special_tokens=False)["input_ids"]
-            seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            target = torch.zeros_like(ids, dtype=torch.bool)
-            for j, (p, s) in enumerate(zip(p_ids, seqs, strict=True)):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-                target[j, len(p) : len(s)] = True
-            ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+            ids, mask, target = (t.to(device) for t in completion_batch(tokenizer, pairs[i : i + batch_size]))
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
             tgt = target[:, 1:]
