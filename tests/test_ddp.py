@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import build_model_dir
+from tiny import build_model_dir, check_multiprocess_exit
 
 
 @pytest.mark.parametrize("projection", ["nullspace", "frontier"])
@@ -34,7 +34,7 @@ def test_ddp_ranks_stay_byte_identical(tmp_path: Path, projection: str) -> None:
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
     for a, b in zip(*ranks, strict=True):
@@ -56,7 +56,7 @@ def test_ddp_grpo_ranks_stay_byte_identical(tmp_path: Path) -> None:
          str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "grpo"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]
@@ -77,7 +77,7 @@ def test_ddp_sketch_ranks_draw_their_own_rows_and_stay_identical(tmp_path: Path)
          str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "sketch"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]

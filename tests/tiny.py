@@ -149,3 +149,29 @@ class LeakProbe(TrainerCallback):
 
     def max_leak(self) -> float:
         return max(v for s in self.steps for v in s["leak"].values())
+
+
+# --------------------------------------------------------------------------------------
+# multi-process runs: the known exit-time abort, and nothing else, is tolerated
+# --------------------------------------------------------------------------------------
+
+KNOWN_EXIT_ABORT = "terminate called without an active exception"
+"""Multi-process CPU runs occasionally abort natively at exit, after their work is done (field notes
+§4: SIGABRT, about 4 in 30 runs)."""
+
+
+def check_multiprocess_exit(proc: Any, results: Sequence[Path]) -> None:
+    """Fail unless ``proc`` exited 0, or it hit :data:`KNOWN_EXIT_ABORT` and every result file the
+    ranks write at the END of their work exists and parses as JSON (so the abort came after the
+    work). The caller still asserts on the results; a failure during the run stays red."""
+    import json
+    import warnings
+
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.returncode == 0:
+        return
+    assert KNOWN_EXIT_ABORT in proc.stderr, f"exit {proc.returncode}:\n{log}"
+    for path in results:
+        assert Path(path).is_file(), f"exit {proc.returncode} and no {path}:\n{log}"
+        json.loads(Path(path).read_text())
+    warnings.warn(f"known exit-time abort after the work finished (exit {proc.returncode})", stacklevel=2)
