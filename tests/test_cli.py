@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import build_model_dir, capability_datasets, preference_rows
 from wandb_reader import read_history
 
@@ -21,13 +19,7 @@ LAB_RECIPES = [r for r in RECIPES if r.name.startswith("lab-")]
 REAL_RECIPES = [r for r in RECIPES if r.name.startswith("smollm2-")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one intra-op thread
 
 
 @pytest.fixture(scope="module")

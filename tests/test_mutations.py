@@ -31,12 +31,7 @@ STEPS = 5
 SCHEDULED = [s for s in range(STEPS) if s % REFRESH == 0]  # 0, 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one intra-op thread
 
 
 class DirectionProbe(LeakProbe):

@@ -8,7 +8,6 @@ import ast
 import importlib.metadata
 import json
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,7 @@ KNOWN_EDGES: set[tuple[str, str]] = set()
 real_suite cycles are gone; keep it empty)."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one intra-op thread
 
 
 # --------------------------------------------------------------------------------------

@@ -38,13 +38,7 @@ from frontier_trainer.tracking import DegradationCallback, kendall, rankdata, sp
 TASKS = ["copy", "count"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """One intra-op thread: on a shared 2-core machine a busy second thread makes tiny ops 30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: one intra-op thread
 
 
 @pytest.fixture(scope="module")
