@@ -13,14 +13,13 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import build_tokenizer, capability_datasets, check_multiprocess_exit
+from tiny import build_tokenizer, capability_datasets, check_multiprocess_exit, run_until_results
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -548,12 +547,13 @@ def test_ddp_two_ranks_stay_identical_and_protected(tmp_path: Path) -> None:
     and each rank's own hooks confirm ΔW U = 0."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
+    results = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    proc = run_until_results(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 1000),
          __file__, "ddp-worker", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env, results,
     )
-    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
+    check_multiprocess_exit(proc, results)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert len(set(ranks[0]["sha256"])) == len(ranks[0]["sha256"])  # the weights moved every step

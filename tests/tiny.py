@@ -175,3 +175,36 @@ def check_multiprocess_exit(proc: Any, results: Sequence[Path]) -> None:
         assert Path(path).is_file(), f"exit {proc.returncode} and no {path}:\n{log}"
         json.loads(Path(path).read_text())
     warnings.warn(f"known exit-time abort after the work finished (exit {proc.returncode})", stacklevel=2)
+
+
+def run_until_results(cmd: Sequence[str], env: Mapping[str, str], results: Sequence[Path], timeout: float = 300) -> Any:
+    """Run a multi-process command; once every result file exists (the ranks write them at the END of
+    their work) give it 20 s to exit, then stop it. A hang in teardown (seen: gloo workers that had
+    written their results never exited) thus costs 20 s, not a CI timeout; a hang before the results
+    still fails. Returns a ``CompletedProcess``; pass it to :func:`check_multiprocess_exit`."""
+    import subprocess
+    import tempfile
+    import time
+    import warnings
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=out, stderr=err, text=True, start_new_session=True)
+        deadline, done_at = time.monotonic() + timeout, None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if done_at is None and all(Path(p).is_file() for p in results):
+                done_at = now
+            if (done_at is not None and now - done_at > 20) or now > deadline:
+                import os
+                import signal
+
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if done_at is None:
+                    raise AssertionError(f"no results after {timeout:.0f} s: {list(map(str, results))}")
+                warnings.warn("the ranks wrote their results but did not exit; stopped them", stacklevel=2)
+                out.seek(0), err.seek(0)
+                return subprocess.CompletedProcess(cmd, 0, out.read(), err.read())
+            time.sleep(0.2)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
