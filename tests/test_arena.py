@@ -504,3 +504,23 @@ def test_completion_kl_equals_an_unpadded_hand_computation(tmp_path: Path) -> No
             lq = torch.log_softmax(base(ids).logits.float(), -1)[0]
         kl = (lp.exp() * (lp - lq)).sum(-1)[len(p) - 1 : len(p) + len(c) - 1].mean()
         assert got == pytest.approx(float(kl), abs=1e-6) and got > 0
+
+
+@pytest.mark.parametrize("method", [*presets.OURS_TRAINED, "frontier-eps0.03"])
+def test_every_variant_of_ours_is_a_valid_config_with_its_fields(method: str, tmp_path: Path) -> None:
+    """Each arena variant reaches FrontierDPOConfig with exactly its fields (a typo or a dropped field
+    would run the defaults under another name); ``protect_benign`` adds the suite's benign source."""
+    from frontier_trainer import FrontierDPOConfig
+
+    preset = presets.get_preset("lab-quick")
+    fields, caps = protocol.ours_settings(method, preset, {"arithmetic": "lab:arithmetic"})
+    config = FrontierDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **fields)
+    variant = presets.OURS_VARIANTS.get(method, {})
+    for key, value in variant.items():
+        if key != "protect_benign":
+            assert getattr(config, key) == value, key
+    assert config.projection == ("frontier" if method.startswith("frontier") else "nullspace")
+    assert ("benign" in caps) == bool(variant.get("protect_benign"))
+    if "benign" in caps:
+        assert caps["benign"] == protocol.BENIGN_SOURCES["lab"] == "lab:benign"
+    assert caps["arithmetic"] == "lab:arithmetic"

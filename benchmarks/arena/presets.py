@@ -15,8 +15,29 @@ BASELINE_METHODS = ("vanilla", "replay", "ogpsa", "nspo")
 """Trained baselines (``benchmarks.baselines``; ``vanilla`` is ``trl.DPOTrainer`` itself)."""
 MERGE_METHODS = ("uniform-merge", "hma")
 """Post-hoc methods applied to the vanilla-aligned model: mergekit's linear average and our HMA."""
-OURS_TRAINED = ("nullspace",)
-"""Our trainer's modes without a tolerance; ``frontier-eps<ε>`` entries are added per preset."""
+OURS_VARIANTS: dict[str, dict[str, Any]] = {
+    "nullspace": {},
+    "nullspace-every-step": {"capability_refresh_steps": 1},
+    "sketch": {"capability_estimator": "sketch", "capability_rank": 4, "capability_refresh_steps": 1},
+    "activation": {"capability_space": "activation"},
+    "both": {"capability_space": "both"},
+    "activation-r8": {"capability_space": "activation", "activation_rank": 8},
+    "nullspace-benign": {"protect_benign": True},
+    "sketch-benign": {
+        "capability_estimator": "sketch",
+        "capability_rank": 4,
+        "capability_refresh_steps": 1,
+        "protect_benign": True,
+    },
+    "activation-benign": {"capability_space": "activation", "protect_benign": True},
+}
+"""Our trainer's null-space variants: ``FrontierDPOConfig`` fields on top of the library defaults
+(``nullspace`` is the defaults themselves). ``protect_benign`` is the arena's own switch, not a config
+field: it adds the suite's prompt-only benign source (``lab:benign`` / ``real:benign``), which the trainer
+completes with the model itself before training (issue 15 §3). ``frontier-eps<ε>`` entries are added per
+preset and use the defaults."""
+OURS_TRAINED = tuple(OURS_VARIANTS)
+"""Our trainer's modes without a tolerance."""
 
 
 def frontier_name(eps: float) -> str:
@@ -191,7 +212,7 @@ PRESETS: dict[str, Preset] = {
         train_seeds=(0, 1, 2),
         learning_rates=(2e-4, 5e-4, 1e-3),
         tolerances=(0.02, 0.05),
-        methods=("vanilla", "nullspace", frontier_name(0.02), "ogpsa"),
+        methods=("vanilla", "sketch", "nullspace", "nspo", "ogpsa", "activation"),
         steps=10,
         batch_size=2,
         eval_limit=16,

@@ -47,7 +47,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from .presets import MERGE_METHODS, Preset, is_ours
+from .presets import MERGE_METHODS, OURS_VARIANTS, Preset, is_ours
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +291,34 @@ def choose_setting(
 TrainerFactory = Callable[..., Any]
 
 
+BENIGN_SOURCES = {"lab": "lab:benign", "real": "real:benign"}
+"""The prompt-only benign capability source of each suite (``frontier_trainer.sources``), disjoint
+from the suite's over-refusal evaluation prompts by construction."""
+
+
 def _frontier_eps(method: str) -> float:
     return float(method.removeprefix("frontier-eps"))
+
+
+def ours_settings(method: str, preset: Preset, caps: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``FrontierDPOConfig`` fields and capability sources of one of our methods.
+
+    The variant's fields (:data:`~benchmarks.arena.presets.OURS_VARIANTS`; none for ``frontier-eps<ε>``)
+    and the preset's ``method_options`` go on top of the library defaults; ``protect_benign`` adds the
+    suite's prompt-only benign source (:data:`BENIGN_SOURCES`) as the task ``benign``.
+    """
+    frontier = method.startswith("frontier-eps")
+    fields = {**({} if frontier else OURS_VARIANTS[method]), **preset.method_options.get(method, {})}
+    caps = dict(caps)
+    if fields.pop("protect_benign", False):
+        caps["benign"] = BENIGN_SOURCES[preset.suite]
+    fields.update(
+        projection="frontier" if frontier else "nullspace",
+        capability_tolerance=_frontier_eps(method) if frontier else None,
+        degradation_tracking=False,  # the arena scores the models itself
+        **({"capability_max_length": preset.max_length} if preset.suite == "real" else {}),
+    )
+    return fields, caps
 
 
 def common_train_args(preset: Preset, out: Path, lr: float, seed: int) -> dict[str, Any]:
@@ -327,14 +353,8 @@ def build_method_trainer(
     if is_ours(method):
         from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
 
-        projection = "nullspace" if method == "nullspace" else "frontier"
-        config = FrontierDPOConfig(
-            **common,
-            projection=projection,
-            capability_tolerance=_frontier_eps(method) if projection == "frontier" else None,
-            degradation_tracking=False,  # the arena scores the models itself; refresh/batch: library defaults
-            **({"capability_max_length": preset.max_length} if preset.suite == "real" else {}),
-        )
+        fields, caps = ours_settings(method, preset, caps)
+        config = FrontierDPOConfig(**common, **fields)
         return FrontierDPOTrainer(
             model=model,
             args=config,
