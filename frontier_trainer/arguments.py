@@ -251,6 +251,19 @@ class FrontierArguments:
             "safety direction."
         },
     )
+    degradation_probe_harmless: str | None = field(
+        default=None,
+        metadata={
+            "help": "Harmless prompts for representation-space tax rates (issue 13 §2): a source with a 'prompt' "
+            "column (a local .jsonl/.json/.csv/.parquet file or dataset directory, 'lab:benign' for the lab's benign "
+            "look-alike prompts, or real:<...>). The tracker then also logs τ_i = cos²(v*, c_i) from residual-stream "
+            "probes before step 0 (safety probe: difference of means of the training prompts against these at the "
+            "last prompt token, Arditi et al. 2024; task probes on the capability prompts; frontier_trainer.probes): "
+            "degradation/tau_repr/<task>, a tau_repr column and spearman_tau_repr_vs_observed. Needs "
+            "degradation_tracking, at least two capability tasks with prompts, and training rows with a plain-text "
+            "'prompt' column. None (default): gradient-space τ_i only."
+        },
+    )
 
     def __post_init__(self) -> None:
         """Validate the frontier fields (first, so their errors are not masked by the base
@@ -284,6 +297,7 @@ class FrontierArguments:
             )
         if self.safety_direction not in SAFETY_DIRECTIONS:
             raise ValueError(f"safety_direction must be one of {SAFETY_DIRECTIONS}, got {self.safety_direction!r}")
+        self._validate_probe_harmless()
         self.capability_datasets = _parse_mapping("capability_datasets", self.capability_datasets)
         self.capability_eval_datasets = _parse_mapping(
             "capability_eval_datasets", self.capability_eval_datasets
@@ -307,6 +321,23 @@ class FrontierArguments:
         if self.capability_estimator not in CAPABILITY_ESTIMATORS:
             raise ValueError(
                 f"capability_estimator must be one of {CAPABILITY_ESTIMATORS}, got {self.capability_estimator!r}"
+            )
+
+    def _validate_probe_harmless(self) -> None:
+        """``degradation_probe_harmless``: a non-blank source string, and only with degradation tracking
+        (the source itself is loaded and checked when the trainer is built, before training)."""
+        value = self.degradation_probe_harmless
+        if value is None:
+            return
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"degradation_probe_harmless must be a source string with a 'prompt' column (a file, a dataset "
+                f"directory, 'lab:benign', real:<...>) or None, got {value!r}"
+            )
+        if not self.degradation_tracking:
+            raise ValueError(
+                "degradation_probe_harmless is set but degradation_tracking=False: the representation-space τ_i are "
+                "logged by the degradation tracker. Set degradation_tracking=True or unset degradation_probe_harmless."
             )
 
     def tolerance_for(self, task: str) -> float:

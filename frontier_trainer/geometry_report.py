@@ -4,7 +4,9 @@ Prediction 1 (§8) of "What Is the Geometry of the Alignment Tax?": the per-task
 τ_i = ⟨v̂*, ĉ_i⟩² (Cor 4.5, eq. 6) is computable *before* alignment. The computation lives in the
 library module :mod:`frontier_trainer.report` (safety and capability directions, Gram matrix,
 per-task and safety-safety geometry); this command module only parses flags, loads a local model,
-prints :func:`~frontier_trainer.report.format_report` and writes the JSON. The library names stay
+prints :func:`~frontier_trainer.report.format_report` and writes the JSON. ``--harmless SOURCE``
+adds representation-space τ_i (``tau_repr``, from residual-stream probes: issue 13 §2) next to the
+gradient-space τ_i, in the table and in the JSON (``representation``). The library names stay
 importable from here for existing callers; library code imports them from
 :mod:`frontier_trainer.report`, never from this command module.
 """
@@ -24,6 +26,7 @@ from torch import nn
 
 from frontier_trainer.directions import parse_capability_specs
 from frontier_trainer.report import (
+    PROBE_ROWS,
     Grads,
     average_gradient,
     capability_directions,
@@ -66,6 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--harmless",
+        metavar="SOURCE",
+        help="harmless prompts (a 'prompt' column: a local file or directory, lab:benign, real:<...>) for the "
+        "representation-space safety probe against the --preferences prompts; adds tau_repr per task "
+        "(frontier_trainer.probes: difference of means at the last prompt token, Arditi et al. 2024)",
+    )
+    parser.add_argument(
+        "--probe-rows",
+        type=int,
+        default=PROBE_ROWS,
+        help=f"--harmless: prompts per probe set, a seeded subset of larger sets (default {PROBE_ROWS})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.capability:
@@ -84,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             seed=args.seed,
+            harmless_prompts=args.harmless,
+            probe_rows=args.probe_rows,
+            harmless_field="--harmless",
         )
     except ValueError as err:
         parser.exit(2, f"frontier-geometry: error: {err}\n")

@@ -234,6 +234,8 @@ class FrontierMixin:
                 max_length=args.capability_max_length,
                 seed=args.seed,
                 safety_direction=safety_direction if safety_direction is not None else args.safety_direction,
+                probe_harmless=args.degradation_probe_harmless,
+                probe_harmless_name="degradation_probe_harmless",
             ).attach(self)
         elif args.degradation_tracking:
             logger.info("degradation tracking is off: no capability_datasets to measure τ_i against.")

@@ -28,6 +28,15 @@ recommended.
 This is the library half; ``frontier-geometry`` (:func:`frontier_trainer.geometry_report.main`) is
 the command-line front end, and the degradation tracker (:mod:`frontier_trainer.tracking`) reuses
 the pieces here, so no library module has to import a command module.
+
+Representation space (issue 13 §2, Prediction 1 as §8 states it): given a *harmless* prompt set,
+the report and the tracker also measure τ_i = cos²(v*_ℓ*, c_i,ℓ*) from residual-stream probes
+(:mod:`frontier_trainer.probes`: the safety probe is the difference of means of the harmful — the
+preference prompts — and the harmless prompts at the last prompt token, after Arditi et al. 2024;
+the task probes are each task's mean against the grand mean of the task means; ℓ* is the layer
+where the safety probe separates best). :func:`load_probe_prompts`, :func:`task_probe_prompts` and
+:func:`representation_geometry` are the pieces both share; the result sits next to the gradient
+τ_i as ``tau_repr`` (the table) and ``representation`` (the whole :class:`probes.ProbeGeometry`).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from torch import nn
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from frontier_trainer import geometry
+from frontier_trainer import geometry, probes
 from frontier_trainer.directions import (
     IGNORE_INDEX,
     CapabilitySampler,
@@ -62,6 +71,11 @@ logger = logging.getLogger(__name__)
 
 Grads = list[torch.Tensor]
 """A vector over the trainable parameters, stored as one tensor per parameter."""
+
+PROBE_ROWS = 256
+"""Prompts per probe set (harmful, harmless, each task) for representation-space τ_i: a seeded
+subset when a set is larger. Difference-of-means directions converge as 1/√n; 256 prompts cost a
+few forward passes."""
 
 
 # --------------------------------------------------------------------------------------
@@ -360,6 +374,145 @@ def conflict_geometry(gram: torch.Tensor, tasks: Sequence[str]) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------------------
+# representation-space tax rates (probes; issue 13 §2)
+# --------------------------------------------------------------------------------------
+
+
+def probe_prompts(name: str, rows: Any, limit: int | None = PROBE_ROWS, seed: int = 0) -> list[str]:
+    """The prompt strings of one probe set, checked: at least 2, none blank; a seeded subset of
+    ``limit`` when larger (kept in the set's order; the probes are order-free anyway).
+
+    ``rows``: a list of strings, a ``datasets.Dataset`` with a ``prompt`` column, or an iterable
+    dataset of such rows (its first ``limit`` rows). Why at least 2: a difference of means over
+    one prompt is that prompt (no mean), and :func:`probes.difference_of_means` refuses it during
+    training; refusing here puts the error before training.
+
+    Raises:
+        ValueError: naming ``name``: no ``prompt`` column, a prompt that is not a string
+            (conversational prompts are refused: the probes read plain prompts), a blank prompt, or
+            fewer than 2 prompts.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+        raise ValueError(f"{name}: the probe row limit must be an integer >= 2 or None, got {limit!r}")
+    is_table = hasattr(rows, "column_names") and getattr(rows, "column_names", None) is not None
+    if not is_table and not isinstance(rows, Sequence) and hasattr(rows, "__iter__"):
+        values = []
+        for row in rows:  # an IterableDataset: the first `limit` rows
+            if not isinstance(row, Mapping) or "prompt" not in row:
+                raise ValueError(
+                    f"{name}: a probe set needs a 'prompt' column (the probe reads the last prompt token)"
+                )
+            values.append(row["prompt"])
+            if limit is not None and len(values) >= limit:
+                break
+        rows = values
+    values = probes.dataset_prompts(name, rows)
+    if limit is not None and len(values) > limit:
+        gen = torch.Generator().manual_seed(int(seed))
+        keep = sorted(torch.randperm(len(values), generator=gen)[:limit].tolist())
+        values = [values[i] for i in keep]
+    blank = [i for i, p in enumerate(values) if not p.strip()]
+    if blank:
+        raise ValueError(
+            f"{name}[{blank[0]}]: blank prompt {values[blank[0]]!r}; the probe reads the prompt's last token, "
+            "so every prompt must have text: drop blank rows"
+        )
+    if len(values) < 2:
+        raise ValueError(
+            f"{name}: {len(values)} prompt; a difference-of-means probe needs at least 2 prompts (more is better: "
+            f"up to {PROBE_ROWS} are used)"
+        )
+    return values
+
+
+def load_probe_prompts(name: str, source: Any, limit: int | None = PROBE_ROWS, seed: int = 0) -> list[str]:
+    """:func:`probe_prompts` of a source: a list of strings, a ``Dataset``, or a capability-style
+    source string (local file or directory, ``lab:<...>`` such as ``lab:benign``, ``real:<...>``)
+    with a ``prompt`` column, loaded with :func:`load_capability_source` (split ``train``).
+
+    Raises:
+        ValueError: naming ``name`` (the config field or flag): the source cannot be loaded (a
+            missing file, an unknown lab task), or :func:`probe_prompts` refuses its prompts.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source).strip():
+            raise ValueError(
+                f"{name}: empty source; give a file, directory, lab:<...> or real:<...> with a 'prompt' column"
+            )
+        try:
+            source = load_capability_source(name, source)
+        except ValueError as err:
+            raise ValueError(
+                f"{name}: could not load the harmless prompts {os.fspath(source)!r}: {err}"
+            ) from None
+    elif source is None:
+        raise ValueError(f"{name}: no prompts given")
+    return probe_prompts(name, source, limit, seed)
+
+
+def task_probe_prompts(
+    capability_datasets: Mapping[str, Any], requested_by: str, limit: int | None = PROBE_ROWS, seed: int = 0
+) -> dict[str, list[str]]:
+    """``{task: prompts}`` for the task probes, from the capability sources (each needs prompts).
+
+    At least two tasks: the task probe's baseline is the grand mean of the task means
+    (:func:`probes.task_directions`). With exactly two, c_2 = −c_1 by construction, so both tasks
+    get the same τ (a warning says so).
+
+    Args:
+        capability_datasets: ``{task: Dataset or source}`` (prompt/completion rows).
+        requested_by: the field or flag that asked for representation τ (named in the errors).
+
+    Raises:
+        ValueError: fewer than two tasks, or a task without a ``prompt`` column (e.g. text rows),
+            naming the task and ``requested_by``.
+    """
+    if len(capability_datasets) < 2:
+        raise ValueError(
+            f"{requested_by}: representation-space τ_i need at least two capability tasks (the task probe of task i "
+            f"is its mean activation against the grand mean of the task means); got {list(capability_datasets)}. "
+            f"Add a task, or leave {requested_by} unset."
+        )
+    out: dict[str, list[str]] = {}
+    for task, source in capability_datasets.items():
+        data = load_capability_source(task, source)
+        if "prompt" not in data.column_names:
+            raise ValueError(
+                f"{requested_by}: capability task {task!r} has columns {list(data.column_names)} and no 'prompt' "
+                "column; the task probe reads the last prompt token. Give the task as prompt/completion rows, or "
+                f"leave {requested_by} unset."
+            )
+        out[task] = probe_prompts(f"capability_datasets[{task!r}] (task probe)", data, limit, seed)
+    if len(out) == 2:
+        logger.warning(
+            "representation τ_i with two capability tasks: their task probes are opposite (c_2 = −c_1 against the "
+            "grand mean), so both get the same τ; use three or more tasks to rank them."
+        )
+    return out
+
+
+def representation_geometry(
+    model: nn.Module,
+    tokenizer: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    tasks: Mapping[str, Sequence[str]],
+    batch_size: int = 32,
+    progress: bool = False,
+) -> probes.ProbeGeometry:
+    """Representation-space τ_i of ``model`` (Cor 4.5, eq. 6 on probe directions): a thin call of
+    :func:`probes.probe_tax_rates` on plain prompts (no chat template: the prompts are read as the
+    trainer tokenises them), with the tokenizer of a processor when one is given."""
+    from transformers import ProcessorMixin
+
+    tok = tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
+    return probes.probe_tax_rates(
+        model, tok, list(harmful), list(harmless), {t: list(p) for t, p in tasks.items()},
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
 # the report
 # --------------------------------------------------------------------------------------
 
@@ -376,6 +529,9 @@ def geometry_report(
     max_length: int | None = 512,
     seed: int = 0,
     progress: bool = True,
+    harmless_prompts: datasets.Dataset | str | os.PathLike | Sequence[str] | None = None,
+    probe_rows: int | None = PROBE_ROWS,
+    harmless_field: str = "harmless_prompts",
 ) -> dict[str, Any]:
     """Pre-training geometry of ``model``: τ_i, angle, regime and B√(1 − τ_i) per capability.
 
@@ -389,15 +545,33 @@ def geometry_report(
         budget: B of the budget ball ‖δ‖ ≤ B.
         batches, batch_size, max_length, seed: direction estimation (every direction is an
             average over ``batches`` seeded batches of ``batch_size`` rows).
+        harmless_prompts: harmless prompts (a list, a Dataset or a source with a ``prompt``
+            column, e.g. ``lab:benign``) for the representation-space safety probe; the harmful
+            side is the preference prompts. Adds ``tau_repr`` to every task row and the whole
+            probe result under ``"representation"`` (:func:`representation_geometry`). ``None``:
+            gradient space only.
+        probe_rows: prompts per probe set (a seeded subset of larger sets; ``None``: all).
+        harmless_field: what the errors call ``harmless_prompts`` (the CLI: ``--harmless``).
 
     Returns:
         A JSON-serialisable dict (see :func:`task_geometry` and :func:`conflict_geometry`).
+
+    Raises:
+        ValueError: bad input, before any gradient is taken; errors of the probe sets name
+            ``harmless_field``, ``preferences`` or the capability task.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("geometry_report: the model has no trainable parameter")
     prefs = load_capability_source("preferences", preference_dataset)
     sampler = build_capability_sampler(capability_datasets, tokenizer, max_length, batch_size, seed)
+    probe_sets = None
+    if harmless_prompts is not None:  # every probe input checked before the first gradient
+        probe_sets = (
+            probe_prompts("preferences (harmful prompts of the safety probe)", prefs, probe_rows, seed),
+            load_probe_prompts(harmless_field, harmless_prompts, probe_rows, seed),
+            task_probe_prompts(capability_datasets, harmless_field, probe_rows, seed),
+        )
     with deterministic_forward(model):
         margin, v1 = safety_direction(model, params, tokenizer, prefs, batches, batch_size, max_length, seed)
         caps = capability_directions(model, params, sampler, batches, progress=progress)
@@ -423,25 +597,43 @@ def geometry_report(
         g2 = G[1:, 1:]
         report["second"] = {"preference_margin": margin2, **task_geometry(g2, tasks, budget)}
         report["conflict"] = conflict_geometry(G, tasks)
+    if probe_sets is not None:
+        harmful, harmless, task_prompts = probe_sets
+        with deterministic_forward(model):
+            rep = representation_geometry(
+                model, tokenizer, harmful, harmless, task_prompts, batch_size, progress
+            )
+        report["representation"] = rep.to_dict()
+        for row in report["tasks"]:
+            row["tau_repr"] = rep.tau[row["task"]]
     return report
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as a plain-text table (what ``frontier-geometry`` prints)."""
     B = report["budget"]
+    rep = report.get("representation")
     lines = [
         f"Pre-training geometry ({report['num_parameters']:,} trainable parameters, budget B = {B})",
-        f"{'task':<14} {'tau_i':>8} {'cos':>8} {'angle':>8} {'regime':>10} {'B*sqrt(1-tau_i)':>16}",
+        f"{'task':<14} {'tau_i':>8} {'cos':>8} {'angle':>8} {'regime':>10} {'B*sqrt(1-tau_i)':>16}"
+        + (f" {'tau_repr':>9}" if rep else ""),
     ]
     for r in report["tasks"]:
         lines.append(
             f"{r['task']:<14} {r['tau']:>8.4f} {r['cos']:>+8.4f} {r['angle_deg']:>7.1f}° {r['regime']:>10} "
-            f"{r['free_safety']:>16.4f}"
+            f"{r['free_safety']:>16.4f}" + (f" {r['tau_repr']:>9.4f}" if rep else "")
         )
     lines.append(
         f"joint tau = {report['joint_tau']:.4f} (sum of per-task tau = {report['sum_of_task_taus']:.4f}); "
         f"tax-free safety B*sqrt(1-tau) = {report['joint_free_safety']:.4f}"
     )
+    if rep:
+        layer = rep["layer"]
+        lines.append(
+            f"tau_repr: representation-space tau_i at layer {layer} (safety-probe d' = "
+            f"{rep['separation'][str(layer)]:.2f}{'' if rep['separation_held_out'] else ', on the fitting prompts'}; "
+            f"task baseline: {rep['baseline']})"
+        )
     conflict = report.get("conflict")
     if conflict:
         all_angle = conflict["angle_all_preserved_deg"]
@@ -465,6 +657,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 __all__ = [
+    "PROBE_ROWS",
     "Grads",
     "average_gradient",
     "capability_directions",
@@ -473,8 +666,12 @@ __all__ = [
     "geometry_report",
     "gram_coordinates",
     "gram_matrix",
+    "load_probe_prompts",
+    "probe_prompts",
+    "representation_geometry",
     "safety_direction",
     "sequence_logprob_sums",
     "task_geometry",
+    "task_probe_prompts",
     "unit_gram",
 ]

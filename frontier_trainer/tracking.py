@@ -37,6 +37,16 @@ Tables go through ``wandb.log`` on the main process only, never ``Trainer.log`` 
 ``log_history`` breaks checkpoint serialisation; field notes §3). The same table is always
 written to ``<output_dir>/degradation/`` as JSON and CSV with a PNG scatter plot.
 
+Representation space (issue 13 §2): with ``probe_harmless`` (harmless prompts; the trainer's
+``degradation_probe_harmless``) the tracker also measures, before step 0, the representation-space
+τ_i = cos²(v*_ℓ*, c_i,ℓ*) of :mod:`frontier_trainer.probes` (safety probe: difference of means of
+the harmful — by default the training prompts — and the harmless prompts at the last prompt token,
+Arditi et al. 2024; task probes on the capability prompts; ℓ* the best-separating layer) and logs
+it next to the gradient-space τ_i: ``degradation/tau_repr/<task>`` and ``degradation/tau_repr_layer``
+in the step-0 record, a ``tau_repr`` column in the table (wandb, JSON, CSV),
+``spearman_tau_repr_vs_observed`` / ``kendall_tau_repr_vs_observed`` in the rank correlations and
+the whole probe result under ``representation`` in the JSON. Without it nothing of this is logged.
+
 Distributed: every rank does the same deterministic work (same seeded batches, no dropout,
 RNG state restored), so the collectives inside ``compute_loss`` match and training RNG streams
 are unchanged; only the main process logs and writes.
@@ -67,6 +77,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 
+from frontier_trainer import probes
 from frontier_trainer.directions import (
     IGNORE_INDEX,
     CapabilitySampler,
@@ -77,10 +88,15 @@ from frontier_trainer.directions import (
     validate_task_names,
 )
 from frontier_trainer.report import (
+    PROBE_ROWS,
     average_gradient,
     capability_directions,
     gram_matrix,
+    load_probe_prompts,
+    probe_prompts,
+    representation_geometry,
     task_geometry,
+    task_probe_prompts,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +116,8 @@ Grads = list[torch.Tensor]
 """A vector over the trainable parameters, stored as one tensor per parameter."""
 
 TABLE_COLUMNS = ["task", "tau", "angle_deg", "regime", "predicted", "observed"]
+REPR_COLUMN = "tau_repr"
+"""The representation-space τ_i column, after ``tau``; present only when harmless prompts are given."""
 OUTPUT_SUBDIR = "degradation"
 
 
@@ -265,6 +283,21 @@ def _preserve_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
+def probe_geometry_from_dict(data: Mapping[str, Any]) -> probes.ProbeGeometry:
+    """Inverse of :meth:`probes.ProbeGeometry.to_dict` (string layer keys back to ints): a resumed
+    run restores the representation-space τ_i measured at θ_0."""
+    return probes.ProbeGeometry(
+        layers=[int(x) for x in data["layers"]],
+        layer=int(data["layer"]),
+        separation={int(k): float(v) for k, v in data["separation"].items()},
+        separation_held_out=bool(data["separation_held_out"]),
+        tau_by_layer={t: {int(k): float(v) for k, v in by.items()} for t, by in data["tau_by_layer"].items()},
+        tau={t: float(v) for t, v in data["tau"].items()},
+        cos={t: float(v) for t, v in data["cos"].items()},
+        baseline=str(data["baseline"]),
+    )
+
+
 def _flatten_user(name: str, value: Any) -> dict[str, float]:
     if isinstance(value, Mapping):
         return {f"{name}/{k}": float(v) for k, v in value.items() if isinstance(v, int | float)}
@@ -310,10 +343,20 @@ class DegradationCallback(TrainerCallback):
         max_eval_rows: rows per evaluation set used (``None``: all).
         seed: seed of every row selection (identical on every rank).
         budget: B for the tax-free safety B√(1 − τ_i) in the table.
+        probe_harmless: harmless prompts for representation-space τ_i (a list of strings, a
+            Dataset or a source with a ``prompt`` column, e.g. ``lab:benign``); ``None``: off.
+        probe_harmful: the harmful prompts of the safety probe; ``None``: the ``prompt`` column of
+            the trainer's training set (the preference prompts; TRL keeps it next to the token ids).
+        probe_rows: prompts per probe set (a seeded subset of larger sets).
+        probe_harmless_name: what the error messages call ``probe_harmless`` (the trainer passes
+            its config field, ``degradation_probe_harmless``).
 
     Raises:
-        ValueError: no capability dataset, an eval task that is not a capability task, or a
-            non-positive count.
+        ValueError: no capability dataset, an eval task that is not a capability task, a
+            non-positive count, or (with ``probe_harmless``) a probe set that cannot be loaded, is
+            empty, has blank prompts or fewer than 2, fewer than two capability tasks, or a task
+            without prompts; the probe errors name ``probe_harmless_name``. Raised here or in
+            :meth:`attach`, before training.
     """
 
     def __init__(
@@ -330,6 +373,10 @@ class DegradationCallback(TrainerCallback):
         seed: int = 0,
         budget: float = 1.0,
         safety_direction: SafetyDirection = "auto",
+        probe_harmless: Any = None,
+        probe_harmful: Any = None,
+        probe_rows: int = PROBE_ROWS,
+        probe_harmless_name: str = "probe_harmless",
     ) -> None:
         if not capability_datasets:
             raise ValueError(
@@ -368,6 +415,23 @@ class DegradationCallback(TrainerCallback):
         self.max_eval_rows = max_eval_rows
         self.seed = seed
         self.budget = budget
+        self.probe_rows = probe_rows
+        self.probe_harmless_name = probe_harmless_name
+        #: harmless / harmful / per-task prompts of the representation probes (None: off).
+        self.probe_harmless: list[str] | None = None
+        self.probe_harmful: list[str] | None = None
+        self.probe_tasks: dict[str, list[str]] | None = None
+        if probe_harmless is not None:
+            self.probe_harmless = load_probe_prompts(probe_harmless_name, probe_harmless, probe_rows, seed)
+            if probe_harmful is not None:
+                self.probe_harmful = load_probe_prompts("probe_harmful", probe_harmful, probe_rows, seed)
+        elif probe_harmful is not None:
+            raise ValueError(
+                "DegradationCallback: probe_harmful is given without probe_harmless; the safety probe needs both "
+                "(pass probe_harmless=[...] harmless prompts)."
+            )
+        #: representation-space geometry at θ_0 (:func:`probes.probe_tax_rates`), when probed.
+        self.repr_geometry: probes.ProbeGeometry | None = None
 
         self.trainer: Any = None
         self.tokenizer: Any = None
@@ -426,6 +490,8 @@ class DegradationCallback(TrainerCallback):
                 "degradation tracking: no capability_eval_datasets, so observed degradation is NOT measured; "
                 "predicted changes are still logged (computed on the direction-estimation sets)."
             )
+        if self.probe_harmless is not None:
+            self._prepare_probes(trainer)
         for other in [c for c in trainer.callback_handler.callbacks if isinstance(c, DegradationCallback)]:
             if other is not self:
                 logger.info("degradation tracking: replacing an earlier DegradationCallback on this trainer.")
@@ -433,6 +499,43 @@ class DegradationCallback(TrainerCallback):
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
+
+    def _prepare_probes(self, trainer: Any) -> None:
+        """Load and check every prompt set of the representation probes now (before training): the
+        harmful prompts default to the training set's ``prompt`` column, the task prompts are the
+        capability direction sets' prompts."""
+        name = self.probe_harmless_name
+        if self.probe_harmful is None:
+            dataset = getattr(trainer, "train_dataset", None)
+            columns = getattr(dataset, "column_names", None)
+            if dataset is None or (columns is not None and "prompt" not in columns):
+                raise ValueError(
+                    f"{name}: the safety probe's harmful prompts are the training prompts, and this trainer's "
+                    f"train_dataset has {'no dataset' if dataset is None else f'columns {list(columns)}'} with no "
+                    f"'prompt' column. Train on prompt/chosen/rejected rows, or leave {name} unset."
+                )
+            self.probe_harmful = probe_prompts(
+                f"{name} (harmful side: train_dataset['prompt'])", dataset, self.probe_rows, self.seed
+            )
+        self.probe_tasks = task_probe_prompts(self.capability_sources, name, self.probe_rows, self.seed)
+        logger.info(
+            "degradation tracking: representation probes on %d harmful, %d harmless prompts and %s task prompts.",
+            len(self.probe_harmful),
+            len(self.probe_harmless or []),
+            {t: len(p) for t, p in self.probe_tasks.items()},
+        )
+
+    def _representation_geometry(self, model: nn.Module) -> probes.ProbeGeometry | None:
+        """Representation-space τ_i at θ_0 (Prediction 1 with probes); None (warned) when a probe is
+        undefined on this model, e.g. two probe sets whose means coincide: training goes on."""
+        assert self.probe_harmful is not None and self.probe_harmless is not None and self.probe_tasks
+        try:
+            return representation_geometry(
+                model, self.tokenizer, self.probe_harmful, self.probe_harmless, self.probe_tasks, self.batch_size
+            )
+        except ValueError as err:
+            logger.warning("degradation tracking: representation-space τ_i undefined, not logged: %s", err)
+            return None
 
     def _resolve_safety_mode(self, trainer: Any) -> str:
         if callable(self.safety_direction):
@@ -562,6 +665,8 @@ class DegradationCallback(TrainerCallback):
         model = self._model()
         self._params = [p for p in model.parameters() if p.requires_grad]
         with self._quiet(model):
+            if self.probe_harmless is not None:
+                self.repr_geometry = self._representation_geometry(model)
             v = None
             if self.safety_mode == "loss":
                 v = self._safety_direction(model)
@@ -592,6 +697,8 @@ class DegradationCallback(TrainerCallback):
         record: dict[str, Any] = {"train/global_step": state.global_step}
         if self.geometry is not None:
             record.update(self._geometry_record())
+        if self.repr_geometry is not None:  # measured at θ_0 whatever the safety mode
+            record.update(probes.tax_rate_logs(self.repr_geometry))
         record.update(self._record(state.global_step))
         self._emit(args, state, record)
         self._log_geometry(state)
@@ -722,22 +829,32 @@ class DegradationCallback(TrainerCallback):
         self.history.append(dict(record))
         return record
 
+    @property
+    def table_columns(self) -> list[str]:
+        """:data:`TABLE_COLUMNS`, with :data:`REPR_COLUMN` after ``tau`` when representation τ_i were measured."""
+        if self.repr_geometry is None:
+            return list(TABLE_COLUMNS)
+        at = TABLE_COLUMNS.index("tau") + 1
+        return [*TABLE_COLUMNS[:at], REPR_COLUMN, *TABLE_COLUMNS[at:]]
+
     def table_rows(self) -> list[dict[str, Any]]:
-        """One row per task: τ_i, angle, regime, predicted and observed degradation (None: not measured)."""
+        """One row per task: τ_i (and ``tau_repr`` when probed), angle, regime, predicted and
+        observed degradation (None: not measured)."""
         assert self.geometry is not None
         rows = []
         for row in self.geometry["tasks"]:
             task = row["task"]
-            rows.append(
-                {
-                    "task": task,
-                    "tau": row["tau"],
-                    "angle_deg": row["angle_deg"],
-                    "regime": row["regime"],
-                    "predicted": -self.predicted[task],
-                    "observed": -self.observed[task] if task in self.observed else None,
-                }
-            )
+            out = {
+                "task": task,
+                "tau": row["tau"],
+                "angle_deg": row["angle_deg"],
+                "regime": row["regime"],
+                "predicted": -self.predicted[task],
+                "observed": -self.observed[task] if task in self.observed else None,
+            }
+            if self.repr_geometry is not None:
+                out[REPR_COLUMN] = self.repr_geometry.tau[task]
+            rows.append({c: out[c] for c in self.table_columns})
         return rows
 
     def _summary(self, step: int) -> dict[str, Any]:
@@ -752,13 +869,17 @@ class DegradationCallback(TrainerCallback):
             "spearman_predicted_vs_observed": spearman(pred, obs),
             "kendall_predicted_vs_observed": kendall(pred, obs),
         }
+        if self.repr_geometry is not None:
+            tau_repr = [r[REPR_COLUMN] for r in measured]
+            ranks["spearman_tau_repr_vs_observed"] = spearman(tau_repr, obs)
+            ranks["kendall_tau_repr_vs_observed"] = kendall(tau_repr, obs)
         if len(measured) < 2:
             logger.warning(
                 "degradation tracking: observed degradation measured on %d task(s); rank correlations need "
                 "at least 2 (give capability_eval_datasets for more tasks).",
                 len(measured),
             )
-        return {
+        summary = {
             "global_step": step,
             "observed_measured": bool(measured),
             "rows": rows,
@@ -768,6 +889,9 @@ class DegradationCallback(TrainerCallback):
             "user_initial": self.user_initial,
             "user_change": self.user_change,
         }
+        if self.repr_geometry is not None:
+            summary["representation"] = self.repr_geometry.to_dict()
+        return summary
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -790,6 +914,7 @@ class DegradationCallback(TrainerCallback):
         return {
             "tasks": list(self.tasks),
             "safety_mode": self.safety_mode,
+            "representation": None if self.repr_geometry is None else self.repr_geometry.to_dict(),
             "raw_from_trainer": self._raw_from_trainer,
             "geometry": self.geometry,
             "predicted_rate": dict(self.predicted_rate),
@@ -838,6 +963,8 @@ class DegradationCallback(TrainerCallback):
         self.safety_mode = state["safety_mode"]
         self._raw_from_trainer = bool(state["raw_from_trainer"])
         self.geometry = state["geometry"]
+        saved_repr = state.get("representation")  # absent in checkpoints from before issue 13 §2
+        self.repr_geometry = None if saved_repr is None else probe_geometry_from_dict(saved_repr)
         self.predicted_rate = dict(state["predicted_rate"])
         self.predicted = dict(state["predicted"])
         self.observed = dict(state["observed"])
@@ -879,11 +1006,21 @@ class DegradationCallback(TrainerCallback):
     def _log_geometry(self, state: Any) -> None:
         if not state.is_world_process_zero or self.geometry is None:
             return
-        lines = [f"{'task':<14} {'tau_i':>8} {'angle':>8} {'regime':>10} {'pred. rate':>11}"]
+        rep = self.repr_geometry
+        lines = [
+            f"{'task':<14} {'tau_i':>8} {'angle':>8} {'regime':>10} {'pred. rate':>11}"
+            + (f" {'tau_repr':>9}" if rep is not None else "")
+        ]
         for row in self.geometry["tasks"]:
             lines.append(
                 f"{row['task']:<14} {row['tau']:>8.4f} {row['angle_deg']:>7.1f}° {row['regime']:>10} "
                 f"{-self.predicted_rate[row['task']]:>+11.4f}"
+                + (f" {rep.tau[row['task']]:>9.4f}" if rep is not None else "")
+            )
+        if rep is not None:
+            lines.append(
+                f"tau_repr: representation-space τ_i at layer {rep.layer} "
+                f"(safety-probe d′ {rep.separation[rep.layer]:.2f})"
             )
         logger.info(
             "degradation tracking, pre-alignment geometry (step %d):\n%s", state.global_step, "\n".join(lines)
@@ -930,13 +1067,14 @@ class DegradationCallback(TrainerCallback):
         if wandb is None or self.summary is None:
             return
         rows = self.summary["rows"]
-        table = wandb.Table(columns=TABLE_COLUMNS, data=[[r[c] for c in TABLE_COLUMNS] for r in rows])
+        columns = self.table_columns
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
         data: dict[str, Any] = {"train/global_step": state.global_step, "degradation/table": table}
         for key, value in self.summary["rank_correlations"].items():
             data[f"degradation/rank/{key}"] = value
         if self.summary["observed_measured"]:
-            measured = [[r[c] for c in TABLE_COLUMNS] for r in rows if r["observed"] is not None]
-            scatter_table = wandb.Table(columns=TABLE_COLUMNS, data=measured)
+            measured = [[r[c] for c in columns] for r in rows if r["observed"] is not None]
+            scatter_table = wandb.Table(columns=columns, data=measured)
             data["degradation/scatter"] = wandb.plot.scatter(
                 scatter_table, "predicted", "observed", title="predicted vs observed degradation"
             )
@@ -955,7 +1093,7 @@ class DegradationCallback(TrainerCallback):
             json.dumps({**self.summary, "history": self.history}, indent=2, default=str)
         )
         with open(out / "degradation_table.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=self.table_columns)
             writer.writeheader()
             writer.writerows(rows)
         plot_degradation(rows, self.summary["rank_correlations"], out / "degradation.png")
@@ -1001,6 +1139,7 @@ def plot_degradation(rows: Sequence[Mapping[str, Any]], ranks: Mapping[str, floa
 
 
 __all__ = [
+    "REPR_COLUMN",
     "TABLE_COLUMNS",
     "DegradationCallback",
     "check_fingerprints",
@@ -1008,6 +1147,7 @@ __all__ = [
     "dataset_metric",
     "kendall",
     "plot_degradation",
+    "probe_geometry_from_dict",
     "rankdata",
     "spearman",
     "undefined_geometry",
