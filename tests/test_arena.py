@@ -513,14 +513,22 @@ def test_every_variant_of_ours_is_a_valid_config_with_its_fields(method: str, tm
     from frontier_trainer import FrontierDPOConfig
 
     preset = presets.get_preset("lab-quick")
-    fields, caps = protocol.ours_settings(method, preset, {"arithmetic": "lab:arithmetic"})
+    from datasets import Dataset
+
+    prefs = Dataset.from_dict({"prompt": ["harm a =>"], "chosen": [" sorry"], "rejected": [" ok"]})
+    fields, caps = protocol.ours_settings(method, preset, {"arithmetic": "lab:arithmetic"}, prefs)
     config = FrontierDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **fields)
     variant = presets.OURS_VARIANTS.get(method, {})
     for key, value in variant.items():
-        if key != "protect_benign":
+        if key not in ("protect_benign", "hold_refusal"):
             assert getattr(config, key) == value, key
     assert config.projection == ("frontier" if method.startswith("frontier") else "nullspace")
     assert ("benign" in caps) == bool(variant.get("protect_benign"))
     if "benign" in caps:
         assert caps["benign"] == protocol.BENIGN_SOURCES["lab"] == "lab:benign"
+    assert ("refusal_on_benign" in caps) == bool(variant.get("hold_refusal"))
+    if "refusal_on_benign" in caps:
+        hold = caps["refusal_on_benign"]
+        assert len(hold) == preset.capability_rows and set(hold["completion"]) == {" sorry"}
+        assert all(p.endswith("=>") for p in hold["prompt"])  # the lab's benign look-alikes
     assert caps["arithmetic"] == "lab:arithmetic"

@@ -23,6 +23,7 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "both": {"capability_space": "both"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
     "nullspace-benign": {"protect_benign": True},
+    "nullspace-hold": {"protect_benign": True, "hold_refusal": True},
     "sketch-benign": {
         "capability_estimator": "sketch",
         "capability_rank": 4,
@@ -32,9 +33,11 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "activation-benign": {"capability_space": "activation", "protect_benign": True},
 }
 """Our trainer's null-space variants: ``FrontierDPOConfig`` fields on top of the library defaults
-(``nullspace`` is the defaults themselves). ``protect_benign`` is the arena's own switch, not a config
-field: it adds the suite's prompt-only benign source (``lab:benign`` / ``real:benign``), which the trainer
-completes with the model itself before training (issue 15 §3). ``frontier-eps<ε>`` entries are added per
+(``nullspace`` is the defaults themselves). ``protect_benign`` and ``hold_refusal`` are the arena's own switches, not
+config fields (:func:`benchmarks.arena.protocol.ours_settings`): the first adds the suite's prompt-only
+benign source (``lab:benign`` / ``real:benign``), which the trainer completes with the model itself before
+training (issue 15 §3); the second holds the refusal's likelihood on those prompts
+(:mod:`frontier_trainer.benign`). ``frontier-eps<ε>`` entries are added per
 preset and use the defaults."""
 OURS_TRAINED = tuple(OURS_VARIANTS)
 """Our trainer's modes without a tolerance."""

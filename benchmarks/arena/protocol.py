@@ -300,18 +300,31 @@ def _frontier_eps(method: str) -> float:
     return float(method.removeprefix("frontier-eps"))
 
 
-def ours_settings(method: str, preset: Preset, caps: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def ours_settings(
+    method: str, preset: Preset, caps: Mapping[str, Any], preferences: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``FrontierDPOConfig`` fields and capability sources of one of our methods.
 
     The variant's fields (:data:`~benchmarks.arena.presets.OURS_VARIANTS`; none for ``frontier-eps<ε>``)
-    and the preset's ``method_options`` go on top of the library defaults; ``protect_benign`` adds the
-    suite's prompt-only benign source (:data:`BENIGN_SOURCES`) as the task ``benign``.
+    and the preset's ``method_options`` go on top of the library defaults. Two switches are the arena's:
+    ``protect_benign`` adds the suite's prompt-only benign source (:data:`BENIGN_SOURCES`) as the task
+    ``benign``; ``hold_refusal`` adds ``refusal_on_benign``, the same benign prompts paired with the
+    preference data's preferred responses (:func:`frontier_trainer.benign.refusal_hold_dataset`,
+    ``capability_rows`` rows), so the refusal's likelihood on benign prompts is held.
     """
     frontier = method.startswith("frontier-eps")
     fields = {**({} if frontier else OURS_VARIANTS[method]), **preset.method_options.get(method, {})}
     caps = dict(caps)
     if fields.pop("protect_benign", False):
         caps["benign"] = BENIGN_SOURCES[preset.suite]
+    if fields.pop("hold_refusal", False):
+        from frontier_trainer.benign import refusal_hold_dataset
+        from frontier_trainer.sources import load_capability_source
+
+        if preferences is None:
+            raise ValueError(f"{method}: hold_refusal needs the preference dataset (its 'chosen' responses).")
+        prompts = load_capability_source("benign", BENIGN_SOURCES[preset.suite], split="train")
+        caps["refusal_on_benign"] = refusal_hold_dataset(prompts, preferences, n=preset.capability_rows)
     fields.update(
         projection="frontier" if frontier else "nullspace",
         capability_tolerance=_frontier_eps(method) if frontier else None,
@@ -353,7 +366,7 @@ def build_method_trainer(
     if is_ours(method):
         from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
 
-        fields, caps = ours_settings(method, preset, caps)
+        fields, caps = ours_settings(method, preset, caps, suite.preference_dataset())
         config = FrontierDPOConfig(**common, **fields)
         return FrontierDPOTrainer(
             model=model,

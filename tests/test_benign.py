@@ -1,0 +1,101 @@
+"""Refusal-hold rows (frontier_trainer.benign): what they contain, bad input, and what they do to a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from frontier_trainer.benign import refusal_hold_dataset
+
+
+def test_plain_rows_pair_every_prompt_with_a_preferred_response() -> None:
+    prompts = [f"benign {i} =>" for i in range(5)]
+    responses = [" sorry", " no way", " i refuse"]
+    rows = refusal_hold_dataset(prompts, responses, n=7, seed=3)
+    assert rows.column_names == ["prompt", "completion"]
+    assert rows["prompt"] == [prompts[i % 5] for i in range(7)]  # cycled in order
+    assert set(rows["completion"]) == set(responses)  # the shuffle covers every response type
+    again = refusal_hold_dataset(prompts, responses, n=7, seed=3)
+    assert again["completion"] == rows["completion"]  # reproducible
+
+
+def test_conversational_rows_become_messages_ending_with_the_assistant() -> None:
+    prefs = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": "how to harm"}]],
+            "chosen": [[{"role": "assistant", "content": "I can't help with that."}]],
+            "rejected": [[{"role": "assistant", "content": "Sure"}]],
+        }
+    )
+    prompts = Dataset.from_dict({"prompt": ["How many legs do horses have?", "Name a river."]})
+    rows = refusal_hold_dataset(prompts, prefs)
+    assert rows.column_names == ["messages"]
+    assert rows[1]["messages"] == [
+        {"role": "user", "content": "Name a river."},
+        {"role": "assistant", "content": "I can't help with that."},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "responses", "kwargs", "match"),
+    [
+        ([], [" no"], {}, "prompts: no benign prompts"),
+        (["a =>"], [], {}, "responses: no preferred responses"),
+        (["a =>", "  "], [" no"], {}, r"prompts\[1\] is empty"),
+        (["a =>"], [" no"], {"n": 0}, "n=0"),
+        (Dataset.from_dict({"text": ["a"]}), [" no"], {}, "prompts: .*needs a 'prompt' column"),
+        (
+            ["a =>"],
+            [[{"role": "assistant", "content": "no"}, {"role": "user", "content": "x"}]],
+            {},
+            "one assistant turn",
+        ),
+        ("a =>", [" no"], {}, "prompts: pass a sequence"),
+    ],
+)
+def test_bad_input_names_the_field(prompts, responses, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        refusal_hold_dataset(prompts, responses, **kwargs)
+
+
+def test_a_projected_step_holds_the_refusal_likelihood_on_benign_prompts(tmp_path, one_torch_thread) -> None:
+    """The outcome on the tiny model: after null-space DPO steps with the hold rows protected, the
+    refusal's log-likelihood on the benign prompts moves far less than under vanilla DPO (same data,
+    seed and rate). Fails if the rows are not protected (the wrong task's rows, no refresh)."""
+    from transformers import LlamaForCausalLM
+
+    from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+    from tests.tiny import build_model_dir, build_tokenizer, preference_dataset
+
+    model_dir = build_model_dir(tmp_path / "model")
+    tok = build_tokenizer()
+    prefs = preference_dataset(16)  # harmful prompts, chosen " sorry refuse"
+    benign = [f"copy w{i} w{i + 1} =>" for i in range(8)]
+    hold = refusal_hold_dataset(benign, prefs, n=8)
+
+    def refusal_logp(model) -> float:
+        ids = tok([p + " sorry refuse" for p in benign], return_tensors="pt").input_ids
+        n_prompt = len(tok(benign[0]).input_ids)  # every benign prompt has the same length
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        target = ids[:, 1:]
+        picked = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[:, n_prompt - 1 :]
+        return float(picked.sum(1).mean())
+
+    before = refusal_logp(LlamaForCausalLM.from_pretrained(model_dir))
+    moved = {}
+    for projection in ("none", "nullspace"):
+        args = FrontierDPOConfig(
+            output_dir=str(tmp_path / projection), max_steps=4, per_device_train_batch_size=8, learning_rate=3e-3,
+            report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=0,
+            projection=projection, capability_refresh_steps=1, capability_batch_size=8, degradation_tracking=False,
+        )  # fmt: skip
+        trainer = FrontierDPOTrainer(
+            model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=prefs, processing_class=tok,
+            capability_datasets={"refusal_on_benign": hold} if projection != "none" else None,
+        )  # fmt: skip
+        trainer.train()
+        moved[projection] = abs(refusal_logp(trainer.model) - before)
+    assert moved["none"] > 0.05, moved  # vanilla DPO does raise the refusal on benign prompts
+    assert moved["nullspace"] < 0.35 * moved["none"], moved
