@@ -589,14 +589,30 @@ class FrontierPlan:
                 streaming=bool(getattr(script_args, "dataset_streaming", False)),
                 mixture=dataset_args,
             )
+        train_prefs: Any = (
+            None  # the preferred responses a ``completions_from`` source pairs its prompts with
+        )
+        if (
+            preferences is not None
+            and preferences.status == source_registry.OK
+            and preferences.data is not None
+        ):
+            train_prefs = preferences.data[script_args.dataset_train_split]
+        elif preferences is not None:
+            train_prefs = source_registry.OFFLINE  # a dry run: completions_from is paired at run time
         caps = source_registry.resolve_capabilities(
-            "capability_datasets", training_args.capability_datasets, eval_split=False, offline=offline
+            "capability_datasets",
+            training_args.capability_datasets,
+            eval_split=False,
+            offline=offline,
+            preferences=train_prefs,
         )
         evals = source_registry.resolve_capabilities(
             "capability_eval_datasets",
             training_args.capability_eval_datasets,
             eval_split=True,
             offline=offline,
+            preferences=train_prefs,
         )
         tasks = list(training_args.capability_datasets or {})
         check_recipe_settings(

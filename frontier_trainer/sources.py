@@ -64,8 +64,13 @@ benign and look-alike over-refusal sets are pyrit requests and StrategyQA questi
 the suite partitions into its validation/test sets: general_knowledge is disjoint from both by
 construction, so protecting it never trains on an evaluation prompt."""
 REAL_BENIGN_SOURCE = "real:bigbench/general_knowledge"
-SOURCE_KEYS = ("path", "name", "split", "prompt", "completion", "text", "separator")
-"""Keys of a capability source given as a mapping."""
+SOURCE_KEYS = ("path", "name", "split", "prompt", "completion", "text", "separator", "completions_from")
+"""Keys of a capability source given as a mapping. ``completions_from: chosen`` pairs the source's
+prompts with the preference data's preferred responses
+(:func:`frontier_trainer.benign.refusal_hold_dataset`): the refusal's likelihood on those (benign)
+prompts is then protected, which is how a recipe holds over-refusal down (issue 15 §3)."""
+PREFERENCE_RESPONSE_COLUMNS = ("chosen",)
+"""Columns of the preference data that ``completions_from`` may name."""
 
 FILE_FORMATS: dict[str, str] = {
     ".jsonl": "json",
@@ -354,10 +359,12 @@ class LabScheme(SourceScheme):
                 prompts = list(lab.helpfulness_dataset(split)["prompt"])
             except ValueError as err:
                 raise InputError(f"{key}: {err}") from None
-            return Resolved(key, path, self.name, OK, split=split, data=datasets.Dataset.from_dict({"prompt": prompts}))
+            return Resolved(
+                key, path, self.name, OK, split=split, data=datasets.Dataset.from_dict({"prompt": prompts})
+            )
         if not path.startswith(LAB_PREFIX) or lab_task not in lab.TASKS:
             raise InputError(
-                f"{key}: unknown lab task {lab_task!r}; choose from {[*lab.TASKS, LAB_BENIGN[len(LAB_PREFIX):]]}."
+                f"{key}: unknown lab task {lab_task!r}; choose from {[*lab.TASKS, LAB_BENIGN[len(LAB_PREFIX) :]]}."
             )
         try:
             data = lab.capability_datasets(split, tasks=[lab_task])[lab_task]
@@ -856,13 +863,48 @@ def _apply_columns(
     return dataset
 
 
+def _hold_rows(
+    field_name: str, task: str, prompts: datasets.Dataset, spec: Mapping[str, Any], preferences: Any
+) -> datasets.Dataset:
+    """``completions_from``: the source's prompts paired with a preference column (refusal-hold rows)."""
+    from frontier_trainer.benign import refusal_hold_dataset
+
+    key = f"{field_name}[{task!r}]"
+    column = spec["completions_from"]
+    if column not in PREFERENCE_RESPONSE_COLUMNS:
+        raise InputError(
+            f"{key}: completions_from={column!r}; use one of {list(PREFERENCE_RESPONSE_COLUMNS)}."
+        )
+    if isinstance(preferences, str) and preferences == OFFLINE:
+        return prompts  # a dry run whose preference data needs the network: paired at run time
+    if preferences is None:
+        raise InputError(
+            f"{key}: completions_from={column!r} pairs the prompts with the preference data's {column!r} "
+            "responses, but no preference data was given; set dataset_name or drop completions_from."
+        )
+    if "prompt" not in prompts.column_names:
+        raise InputError(
+            f"{key}: completions_from needs a 'prompt' column; {spec['path']!r} has {prompts.column_names}."
+        )
+    try:
+        return refusal_hold_dataset(prompts.select_columns(["prompt"]), list(preferences[column]))
+    except ValueError as err:
+        raise InputError(f"{key}: {err}") from None
+
+
 def resolve_capabilities(
-    field_name: str, sources: Mapping[str, Any] | None, *, eval_split: bool, offline: bool
+    field_name: str,
+    sources: Mapping[str, Any] | None,
+    *,
+    eval_split: bool,
+    offline: bool,
+    preferences: datasets.Dataset | None = None,
 ) -> list[Resolved]:
     """Resolve ``{task: source}`` (``capability_datasets`` or ``capability_eval_datasets``), in order.
 
     A source is a string (any scheme), a ``datasets.Dataset`` (in memory, passed through), or a
-    mapping ``{path, name, split, prompt, completion, text, separator}``. Each loaded ``Dataset``
+    mapping ``{path, name, split, prompt, completion, text, separator, completions_from}``
+    (``completions_from`` needs ``preferences``, the preference data's train split). Each loaded ``Dataset``
     (``data``) has ``prompt``/``completion`` or ``text`` columns; in a dry run, sources that need the
     network are reported :data:`OFFLINE` with ``data=None``.
 
@@ -890,13 +932,16 @@ def resolve_capabilities(
                 out.append(resolved)
                 continue
             resolved.data = _apply_columns(field_name, task, resolved.data, spec)
+            if spec.get("completions_from"):
+                resolved.data = _hold_rows(field_name, task, resolved.data, spec, preferences)
             out.append(resolved)
         resolved = out[-1]
         columns = set(resolved.data.column_names)
-        if not ({"prompt", "completion"} <= columns or "text" in columns):
+        if not ({"prompt", "text", "messages"} & columns):  # prompt-only rows are completed by the model
             raise InputError(
-                f"{key}: {resolved.value!r} has columns {sorted(columns)}; capability rows need prompt/completion or "
-                "text. Give the source as a mapping {path: ..., prompt: <column>, completion: <column>}."
+                f"{key}: {resolved.value!r} has columns {sorted(columns)}; capability rows need prompt/completion, "
+                "text, messages, or prompt alone (completed by the model before training). Give the source as a "
+                "mapping {path: ..., prompt: <column>, completion: <column>}."
             )
         resolved.rows = _rows(resolved.data, resolved.split)
         if not resolved.detail:

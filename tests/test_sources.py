@@ -217,3 +217,46 @@ def test_real_benign_resolves_offline_without_download(monkeypatch: pytest.Monke
         "capability_datasets", {"benign": src.REAL_BENIGN}, eval_split=False, offline=True
     )
     assert resolved.status == src.OFFLINE and resolved.split == "directions"
+
+
+def test_completions_from_pairs_benign_prompts_with_the_preferred_responses() -> None:
+    """``{path: lab:benign, completions_from: chosen}``: the lab's benign look-alikes, each paired with a
+    preferred (refusing) response of the preference data: the rows whose likelihood the trainer holds."""
+    prefs = lab.preference_dataset("train")
+    spec = {"hold": {"path": src.LAB_BENIGN, "completions_from": "chosen"}}
+    (resolved,) = src.resolve_capabilities(
+        "capability_datasets", spec, eval_split=False, offline=True, preferences=prefs
+    )
+    rows = resolved.data
+    assert rows.column_names == ["prompt", "completion"]
+    assert list(rows["prompt"]) == list(lab.helpfulness_dataset("train")["prompt"])  # benign, not harmful
+    assert set(rows["completion"]) == set(prefs["chosen"]) == {lab.REFUSAL_COMPLETION}
+    with pytest.raises(
+        src.InputError, match=r"capability_datasets\['hold'\]: completions_from='chosen'.*no preference"
+    ):
+        src.resolve_capabilities("capability_datasets", spec, eval_split=False, offline=True)
+    bad = {"hold": {"path": src.LAB_BENIGN, "completions_from": "rejected"}}
+    with pytest.raises(src.InputError, match=r"completions_from='rejected'; use one of \['chosen'\]"):
+        src.resolve_capabilities(
+            "capability_datasets", bad, eval_split=False, offline=True, preferences=prefs
+        )
+    deferred = src.resolve_capabilities(
+        "capability_datasets", spec, eval_split=False, offline=True, preferences=src.OFFLINE
+    )
+    assert deferred[0].data.column_names == ["prompt"]  # paired at run time
+
+
+def test_prompt_only_sources_pass_the_recipe_path() -> None:
+    """A prompt-only source (``lab:benign``, ``real:benign`` in the SmolLM2 recipe) resolves through the
+    CLI's path (it was refused there for lacking a completion, though the trainer completes it)."""
+    (resolved,) = src.resolve_capabilities(
+        "capability_datasets", {"benign": src.LAB_BENIGN}, eval_split=False, offline=True
+    )
+    assert resolved.status == src.OK and resolved.data.column_names == ["prompt"]
+    with pytest.raises(src.InputError, match=r"capability_datasets\['x'\].*has columns \['answer'\]"):
+        src.resolve_capabilities(
+            "capability_datasets",
+            {"x": datasets.Dataset.from_dict({"answer": ["a"]})},
+            eval_split=False,
+            offline=True,
+        )
