@@ -24,6 +24,14 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
     "nullspace-benign": {"protect_benign": True},
     "nullspace-hold": {"protect_benign": True, "hold_refusal": True},
+    "nullspace-hold-every-step": {"protect_benign": True, "hold_refusal": True, "capability_refresh_steps": 1},
+    "sketch-hold": {
+        "capability_estimator": "sketch",
+        "capability_rank": 4,
+        "capability_refresh_steps": 1,
+        "protect_benign": True,
+        "hold_refusal": True,
+    },
     "sketch-benign": {
         "capability_estimator": "sketch",
         "capability_rank": 4,
@@ -215,7 +223,7 @@ PRESETS: dict[str, Preset] = {
         train_seeds=(0, 1, 2),
         learning_rates=(2e-4, 5e-4, 1e-3),
         tolerances=(0.02, 0.05),
-        methods=("vanilla", "nullspace", "nullspace-hold", "nspo", "ogpsa", "activation"),
+        methods=("vanilla", "nullspace", "nullspace-hold", "nspo", "ogpsa"),
         steps=10,
         batch_size=2,
         eval_limit=16,
