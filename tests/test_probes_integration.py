@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -184,6 +185,15 @@ def test_trainer_field_logs_representation_tau_next_to_gradient_tau(
     )
     assert cb.state_dict()["representation"] == rep  # a resumed run keeps the θ_0 measurement
     assert probe_geometry_from_dict(rep) == cb.repr_geometry
+
+    # the rank correlation reads tau_repr (not τ): with tau_repr ordered like observed, then reversed,
+    # it is +1 then −1, whatever the gradient-space τ_i are
+    assert len(set(observed)) == len(observed)
+    for sign in (1.0, -1.0):
+        cb.repr_geometry = replace(
+            cb.repr_geometry, tau={t: sign * o for t, o in zip(TASKS, observed, strict=True)}
+        )
+        assert cb._summary(2)["rank_correlations"]["spearman_tau_repr_vs_observed"] == pytest.approx(sign)
 
 
 def test_updates_mode_logs_representation_tau_at_step_zero(
