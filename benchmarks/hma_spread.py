@@ -530,6 +530,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), squeeze=False)
     names = list(results["summary"]["per_setting"])
@@ -555,6 +556,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
             )
             if xs_all and min(xs_all) > 0:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0][0].legend(fontsize=8)
     fig.suptitle(
         "Prediction 3 on the lab: HMA margin vs cross-layer spread of τ_ℓ (one dot per setting × seed)"

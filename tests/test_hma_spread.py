@@ -79,6 +79,7 @@ def test_correlations_pair_spread_and_margin_of_the_same_point() -> None:
     assert sorted(row["hv_ratio"]["values"]) == expected
     assert row["hv_ratio"]["mean"] == pytest.approx(np.mean(expected))
     assert row["gradient_spread"] == pytest.approx(np.mean([0.002, 0.006, 0.010]))
+    assert row["representation_spread"] == pytest.approx(np.mean([1 / 2, 1 / 6, 1 / 10]))
 
 
 def test_verdict_follows_the_sign_of_the_interval() -> None:
@@ -167,6 +168,21 @@ def test_lab_seed_reaches_hma_benchmark_and_is_undone() -> None:
         assert hma_benchmark.lab.WorldConfig is lab.WorldConfig  # everything else is the real module
     assert hma_benchmark.lab is real
     assert hma_benchmark.lab.LabConfig(hidden_size=16).seed == 0
+
+
+def test_representation_tau_is_the_joint_rate_over_all_task_probes() -> None:
+    """On an untrained tiny lab model: one τ_ℓ per block output, each ≥ every per-task τ_{i,ℓ}."""
+    tok = lab.build_tokenizer()
+    model = lab.build_model(lab.LabConfig(hidden_size=16, num_layers=3), tok)
+    rep = hma_spread.representation_taus(model, tok, lab.WorldConfig(entanglement=0.5), rows=6, held_out=4)
+    assert rep["layers"] == [1, 2, 3]
+    for layer in map(str, rep["layers"]):
+        per_task = [rep["task_tau_by_layer"][t][layer] for t in lab.TASKS]
+        assert max(per_task) - 1e-9 <= rep["tau_by_layer"][layer] <= 1.0 + 1e-12
+        # a projection onto the span of six directions, not the square of one cosine
+        assert rep["tau_by_layer"][layer] > max(per_task) + 1e-6
+    assert rep["tax_spread"]["tau_std"] == pytest.approx(np.std(list(rep["tau_by_layer"].values())))
+    assert set(rep["separation"]) == {"1", "2", "3"}
 
 
 # --------------------------------------------------------------------------------------
