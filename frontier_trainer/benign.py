@@ -29,8 +29,6 @@ from typing import Any
 
 import datasets
 
-Message = Mapping[str, Any]
-
 
 def _is_conversation(value: Any) -> bool:
     return (
