@@ -212,10 +212,10 @@ PRESETS: dict[str, Preset] = {
         eval_limit=100,
         capability_rows=256,
     ),
-    # meant for <= 90 min in the background on a quiet 2-core machine: SmolLM2-135M-Instruct + LoRA r=16,
-    # 10 steps of batch 2 at length 128 (~13 s per step at length 192 in benchmarks/real_model), three of
-    # the real suite's capability tasks and 16 prompts per set per split; 4 methods x (3 rates + 2 seeds)
-    # = 20 runs of ~4 min each when the machine is not shared.
+    # SmolLM2-135M-Instruct + LoRA r=16, 10 steps of batch 2 at length 128, three of the real suite's
+    # capability tasks and 16 prompts per set per split; 5 methods x (3 rates + 2 seeds) = 25 cells of
+    # ~4 min each on the 2-core CPU (measured: benchmarks/README.md §5), about 104 min with the base cell:
+    # above the 90-minute target; pass four methods with --methods to fit it.
     "smollm2-cpu": Preset(
         name="smollm2-cpu",
         suite="real",
