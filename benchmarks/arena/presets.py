@@ -20,25 +20,14 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "nullspace-every-step": {"capability_refresh_steps": 1},
     "sketch": {"capability_estimator": "sketch", "capability_rank": 4, "capability_refresh_steps": 1},
     "activation": {"capability_space": "activation"},
-    "both": {"capability_space": "both"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
     "nullspace-benign": {"protect_benign": True},
     "nullspace-hold": {"protect_benign": True, "hold_refusal": True},
-    "nullspace-hold-every-step": {"protect_benign": True, "hold_refusal": True, "capability_refresh_steps": 1},
-    "sketch-hold": {
-        "capability_estimator": "sketch",
-        "capability_rank": 4,
-        "capability_refresh_steps": 1,
+    "nullspace-hold-every-step": {
         "protect_benign": True,
         "hold_refusal": True,
-    },
-    "sketch-benign": {
-        "capability_estimator": "sketch",
-        "capability_rank": 4,
         "capability_refresh_steps": 1,
-        "protect_benign": True,
     },
-    "activation-benign": {"capability_space": "activation", "protect_benign": True},
 }
 """Our trainer's null-space variants: ``FrontierDPOConfig`` fields on top of the library defaults
 (``nullspace`` is the defaults themselves). ``protect_benign`` and ``hold_refusal`` are the arena's own switches, not
