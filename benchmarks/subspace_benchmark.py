@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from benchmarks.arena.leak import HeldOutLeakProbe
 from benchmarks.arena.presets import get_preset
 from benchmarks.arena.protocol import (
     CAPABILITY_PREFIX,
@@ -54,7 +55,6 @@ from benchmarks.arena.protocol import (
     common_train_args,
 )
 from benchmarks.arena.suites import make_suite
-from frontier_trainer.directions import build_capability_sampler, capability_gradients, completion_metric
 
 logger = logging.getLogger("subspace_benchmark")
 
@@ -109,77 +109,6 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-class HeldOutLeakProbe(TrainerCallback):
-    """|cos(Δθ, ∇f_i(held-out))| per task and step; its own time is recorded to be subtracted."""
-
-    def __init__(self, held_out: dict[str, Any], tokenizer: Any, max_length: int, rows: int) -> None:
-        self.sampler = build_capability_sampler(held_out, tokenizer, max_length=max_length, batch_size=rows, seed=0)
-        self.batches = {t: self.sampler.next_batch(t) for t in self.sampler.tasks}
-        self.leaks: dict[str, list[float]] = {t: [] for t in self.sampler.tasks}
-        self.seconds: list[float] = []
-        self._before: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def _metrics(self, model: Any) -> dict[str, float]:
-        model = getattr(model, "module", model)
-        was_training = model.training
-        model.eval()
-        try:
-            device = next(model.parameters()).device
-            return {t: float(completion_metric(model, {k: v.to(device) for k, v in b.items()})) for t, b in self.batches.items()}
-        finally:
-            model.train(was_training)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.before = self._metrics(model)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        after = self._metrics(model)
-        #: held-out mean completion NLL rise per task (capability loss; > 0 is damage)
-        self.nll_rise = {t: self.before[t] - after[t] for t in after}
-
-    def _params(self, model: Any) -> list[torch.nn.Parameter]:
-        model = getattr(model, "module", model)
-        return [p for p in model.parameters() if p.requires_grad]
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        start = time.perf_counter()
-        model = getattr(model, "module", model)
-        params = self._params(model)
-        self._before = [p.detach().clone() for p in params]
-        self._grads = {t: capability_gradients(model, params, b)[1] for t, b in self.batches.items()}
-        self._model = model
-        self.seconds.append(time.perf_counter() - start)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        start = time.perf_counter()
-        params = self._params(self._model)
-        assert self._before is not None
-        delta = [p.detach() - b for p, b in zip(params, self._before, strict=True)]
-        dd = sum(float((d.double() ** 2).sum()) for d in delta)
-        for task, grads in self._grads.items():
-            gg = sum(float((g.double() ** 2).sum()) for g in grads)
-            dg = sum(float((d.double() * g.double()).sum()) for d, g in zip(delta, grads, strict=True))
-            if dd > 0 and gg > 0:
-                self.leaks[task].append(abs(dg) / (dd * gg) ** 0.5)
-        self._before = None
-        self.seconds[-1] += time.perf_counter() - start
-
-
-def held_out_capability(suite_name: str, preset: Any, n: int) -> dict[str, Any]:
-    """Capability rows of the protected tasks that no estimator sees (eval splits)."""
-    if suite_name == "lab":
-        from frontier_trainer import lab
-
-        return lab.capability_datasets("eval", n=n)
-    from frontier_trainer.real import data
-
-    return {
-        "code": data.load_humaneval(split="eval").select(range(n)),
-        "addition": data.load_bigbench_task("arithmetic/2_digit_addition", split="eval", n=n),
-    }
-
-
 def run_config(
     name: str,
     suite: Any,
@@ -202,9 +131,7 @@ def run_config(
     common = {k: v for k, v in common_train_args(preset, out / name, lr, seed).items() if v is not None}
     timer = StepTimer()
     max_length = 512  # the probe keeps long held-out rows (HumanEval) that a 128-token trainer limit drops
-    probe = HeldOutLeakProbe(
-        held_out_capability(preset.suite, preset, probe_rows), tok, max_length=max_length, rows=probe_rows
-    )
+    probe = HeldOutLeakProbe(suite.held_out_capability(probe_rows), tok, max_length=max_length, rows=probe_rows)
     if overrides is None:
         trainer = DPOTrainer(
             model=model,

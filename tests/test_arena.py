@@ -261,6 +261,7 @@ class _FakeTrainer:
         self.model, self.lr, self.seed, self.fail = model, lr, seed, fail
         self.callbacks: list[Any] = []
         self.accelerator = type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()
+        self.state = type("S", (), {"log_history": []})()
 
     def add_callback(self, cb: Any) -> None:
         self.callbacks.append(cb)

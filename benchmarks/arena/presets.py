@@ -74,6 +74,8 @@ class Preset:
         method_options: extra keyword arguments per method (for example the replay weight λ).
         real_tasks, real_nll_sets: real suite only: the capability tasks and NLL sets of
             ``frontier_trainer.evaluation``'s real suite to score (``None``: all of them).
+        leak_rows: held-out capability rows per task for the generalisation-leak probe
+            (:mod:`benchmarks.arena.leak`, run on every trained cell; 0 turns it off).
         scorer: lab only: ``"fast"`` (the evaluation suite's prompts, judge and exact match with one
             batched generation) or ``"library"`` (``evaluate_model`` itself, through lm-eval).
     """
@@ -96,6 +98,7 @@ class Preset:
     replicates: int = 2000
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     scorer: str = "fast"
+    leak_rows: int = 16
     real_tasks: tuple[str, ...] | None = None
     real_nll_sets: tuple[str, ...] | None = None
 
@@ -140,14 +143,20 @@ class Preset:
             raise ValueError(f"{self.name}: methods {unknown} unknown; choose from {list(self.all_methods)}.")
         if any(m in MERGE_METHODS for m in self.methods) and "vanilla" not in self.methods:
             raise ValueError(f"{self.name}: merge methods need 'vanilla' in methods (they merge its model).")
+        if self.leak_rows < 0:
+            raise ValueError(f"{self.name}: leak_rows={self.leak_rows}; use 0 (off) or a positive number of rows.")
         for key in ("steps", "batch_size", "eval_limit", "capability_rows"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{self.name}: {key}={getattr(self, key)} must be a positive integer.")
         return self
 
-    def with_overrides(self, *, seeds: int | None = None, methods: Sequence[str] | None = None) -> Preset:
-        """The preset with ``--seeds N`` (first N of 0, 1, 2, ...) and/or ``--methods`` applied."""
+    def with_overrides(
+        self, *, seeds: int | None = None, methods: Sequence[str] | None = None, leak_rows: int | None = None
+    ) -> Preset:
+        """The preset with ``--seeds N`` (first N of 0, 1, 2, ...), ``--methods`` and/or ``--leak-rows`` applied."""
         p = self
+        if leak_rows is not None:
+            p = replace(p, leak_rows=leak_rows)
         if seeds is not None:
             if seeds < 1:
                 raise ValueError(f"--seeds {seeds}: pass a positive number of training seeds.")
@@ -224,6 +233,9 @@ PRESETS: dict[str, Preset] = {
         # tasks; GSM8K's 128-token chain of thought, HellaSwag and PIQA are left to the gpu preset
         real_tasks=("bigbench_arithmetic", "arc_easy", "mmlu"),
         real_nll_sets=("humaneval",),
+        # the leak probe's two held-out gradients per step cost about two DPO steps here: off in the preset
+        # (already over its time target); `--leak-rows 4` turns it on (benchmarks/README.md §5)
+        leak_rows=0,
     ),
     # a lent GPU: the full real evaluation sets, 100 steps of batch 8, every method (not run here).
     "gpu": Preset(
@@ -240,6 +252,7 @@ PRESETS: dict[str, Preset] = {
         capability_rows=200,
         max_length=256,
         lora_r=16,
+        leak_rows=8,
     ),
 }
 

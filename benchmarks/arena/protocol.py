@@ -47,6 +47,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from .leak import HeldOutLeakProbe, trainer_diagnostics
 from .presets import MERGE_METHODS, OURS_VARIANTS, Preset, is_ours
 
 logger = logging.getLogger(__name__)
@@ -520,20 +521,38 @@ class Arena:
         trainer = self.trainer_factory(method, self.preset, self.suite, model, tok, work, lr, s)
         timer = StepTimer()
         trainer.add_callback(timer)
+        probe = self._leak_probe(tok)
+        if probe is not None:
+            trainer.add_callback(probe)  # after the timer: its time is subtracted below
         trainer.remove_callback(PrinterCallback)  # per-step log dicts stay in the trainer's history
         with peak_memory() as mem:
             trainer.train()
+        step_seconds = list(timer.times)
+        diagnostics = trainer_diagnostics(trainer.state.log_history)
+        if probe is not None:
+            step_seconds = [t - p for t, p in zip(step_seconds, probe.seconds, strict=True)]
+            diagnostics.update(probe.summary())
         trained = trainer.accelerator.unwrap_model(trainer.model)
         trained.eval()
         if method == "vanilla" and any(m in MERGE_METHODS for m in self.preset.methods):
             self._save_aligned(trained, tok, p, s, lr)
         samples = self._evaluate(trained, tok, p, is_base=False)
-        cell = Cell(method, lr, p, s, samples, step_seconds=timer.times, peak_memory_bytes=mem["bytes"])
+        cell = Cell(method, lr, p, s, samples, step_seconds=step_seconds, peak_memory_bytes=mem["bytes"])
+        cell.extra["diagnostics"] = diagnostics
         cell.seconds = time.perf_counter() - start
-        del trainer, trained, model
+        del trainer, trained, model, probe
         shutil.rmtree(work, ignore_errors=True)
         self._put(cell)
         return cell
+
+    def _leak_probe(self, tokenizer: Any) -> HeldOutLeakProbe | None:
+        """The held-out leak probe of a trained cell, when the preset asks for one and the suite has
+        held-out capability rows (``held_out_capability``)."""
+        held_out = getattr(self.suite, "held_out_capability", None)
+        if self.preset.leak_rows <= 0 or held_out is None:
+            return None
+        max_length = 512 if self.preset.suite == "real" else None  # long HumanEval rows stay in
+        return HeldOutLeakProbe(held_out(self.preset.leak_rows), tokenizer, max_length, self.preset.leak_rows)
 
     def _aligned_dir(self, p: int, s: int, lr: float) -> Path:
         return self.out / "models" / f"vanilla_lr{lr:g}_p{p}_s{s}"

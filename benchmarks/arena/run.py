@@ -61,6 +61,7 @@ def run(
     suite: Any = None,
     command: str | None = None,
     report_only: bool = False,
+    leak_rows: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a preset and write its files; returns the summary."""
     import torch
@@ -68,7 +69,7 @@ def run(
     from .report import git_state
     from .suites import make_suite
 
-    preset = get_preset(preset_name).with_overrides(seeds=seeds, methods=methods)
+    preset = get_preset(preset_name).with_overrides(seeds=seeds, methods=methods, leak_rows=leak_rows)
     started = time.perf_counter()
     git = git_state()  # the code that runs, not the HEAD when the run ends
     cpu_started = time.process_time()
@@ -117,6 +118,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
+        "--leak-rows",
+        type=int,
+        default=None,
+        help="held-out rows per task for the generalisation-leak probe (0: off; default: the preset's)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="run nothing: report the methods whose cells are all finished (partial results)",
@@ -126,10 +133,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     quiet_libraries()
     import torch
 
-    get_preset(args.preset).with_overrides(seeds=args.seeds, methods=args.methods)  # bad input fails here
+    get_preset(args.preset).with_overrides(
+        seeds=args.seeds, methods=args.methods, leak_rows=args.leak_rows
+    )  # bad input fails here
     torch.set_num_threads(args.threads)
     with contextlib.suppress(KeyboardInterrupt):
-        summary = run(args.preset, args.out, args.seeds, args.methods, report_only=args.report_only)
+        summary = run(
+            args.preset, args.out, args.seeds, args.methods, report_only=args.report_only, leak_rows=args.leak_rows
+        )
         _print_table(summary)
         return summary
     logger.warning(

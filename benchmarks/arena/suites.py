@@ -111,6 +111,13 @@ class LabSuite:
             self._caps = lab.capability_datasets("train", n=self.preset.capability_rows)
         return self._caps
 
+    def held_out_capability(self, n: int) -> dict[str, Any]:
+        """Capability rows of the protected tasks that no trainer sees (the lab's eval split), for the
+        held-out leak (:mod:`benchmarks.arena.leak`)."""
+        from frontier_trainer import lab
+
+        return lab.capability_datasets("eval", n=n)
+
     def peft_config(self) -> Any | None:
         return None
 
@@ -290,6 +297,20 @@ class RealSuite:
                     caps[task] = data.load_bigbench_task(source, split="directions", n=n)
             self._caps = caps
         return self._caps
+
+    def held_out_capability(self, n: int) -> dict[str, Any]:
+        """The protected tasks' rows from their eval splits (disjoint from the directions split the trainers
+        get), for the held-out leak (:mod:`benchmarks.arena.leak`)."""
+        from frontier_trainer.real import data
+
+        out = {}
+        for task, source in self.CAPABILITY_TASKS.items():
+            if source == "humaneval":
+                ds = data.load_humaneval(split="eval")
+                out[task] = ds.select(range(min(n, len(ds))))
+            else:
+                out[task] = data.load_bigbench_task(source, split="eval", n=n)
+        return out
 
     def peft_config(self) -> Any | None:
         from peft import LoraConfig
