@@ -130,6 +130,24 @@ class FrontierArguments:
     capability_refresh_steps: int = field(
         default=10, metadata={"help": "Re-estimate capability directions every this many optimizer steps."}
     )
+    capability_refresh_tasks: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many tasks are re-estimated at each scheduled refresh, round-robin in task order; the "
+            "others keep the directions they hold. None (default) re-estimates every task (today's behaviour, "
+            "bitwise unchanged). With m tasks per refresh and T tasks, each task is refreshed every "
+            "ceil(T/m)·capability_refresh_steps steps and a refresh costs m·capability_rank (batch) or "
+            "m·capability_sketch_batches (sketch) passes. Refresh n = global_step // capability_refresh_steps "
+            "re-estimates tasks (n·m + j) mod T, j = 0..m-1 (derived from the step: identical on every DDP rank "
+            "and across a resume). The first refresh, a forced one (the trained parameter set changed) and any "
+            "refresh while no directions are held re-estimate every task. capability_ema smooths the refreshed "
+            "tasks only; frontier/capability_loss/<task> and frontier/generalisation_leak/<task> are logged for "
+            "the refreshed tasks only. capability_space='both': the unrestricted directions are kept too "
+            "(k more gradient-sized tensors), so that kept directions are restricted by the current activation "
+            "bases at every install. The activation bases themselves are still rebuilt from every task. "
+            "An integer in 1..T (T = number of capability tasks)."
+        },
+    )
     capability_batch_size: int = field(
         default=8, metadata={"help": "Rows per task in each capability batch used to estimate a direction."}
     )
@@ -316,6 +334,14 @@ class FrontierArguments:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        refresh_tasks = self.capability_refresh_tasks
+        if refresh_tasks is not None and (
+            isinstance(refresh_tasks, bool) or not isinstance(refresh_tasks, int) or refresh_tasks < 1
+        ):
+            raise ValueError(
+                f"capability_refresh_tasks must be None (every task at every refresh) or an integer >= 1 (tasks "
+                f"re-estimated per refresh, round-robin), got {refresh_tasks!r}"
+            )
         if not 0.0 <= float(self.capability_ema) < 1.0:
             raise ValueError(f"capability_ema must be in [0, 1), got {self.capability_ema!r}")
         if self.capability_estimator not in CAPABILITY_ESTIMATORS:

@@ -199,6 +199,9 @@ class FrontierMixin:
         self._force_refresh = False
         self._has_applied_update = False
         self._raw_update_sum: dict[int, torch.Tensor] | None = None
+        #: capability_space="both" with capability_refresh_tasks: the unrestricted directions, so that
+        #: a kept task's direction is restricted again by the current activation bases at each install.
+        self._raw_directions: list[list[torch.Tensor]] | None = None
         #: Largest number of bytes held at once by the projection state (snapshot and directions,
         #: including fresh directions during a refresh), counted from the tensors themselves.
         self.peak_state_bytes = 0
@@ -404,6 +407,7 @@ class FrontierMixin:
             if self.projector.num_directions:
                 self._force_refresh = True
             self.projector = self._new_projector(params)
+            self._raw_directions = None  # they cover the old parameter set
             self._has_applied_update = False  # the previous update lives on another parameter set
             if self._raw_update_sum is not None:
                 logger.warning("degradation tracking: the parameter set changed while summing raw updates.")
@@ -442,7 +446,8 @@ class FrontierMixin:
         self._projection_seconds = time.perf_counter() - start
         if refreshed:  # the held state (snapshot + directions) changes only when directions do
             assert self.projector is not None
-            self.peak_state_bytes = max(self.peak_state_bytes, self.projector.extra_memory_bytes())
+            held = self.projector.extra_memory_bytes() + self._raw_direction_bytes()
+            self.peak_state_bytes = max(self.peak_state_bytes, held)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         start = time.perf_counter()
@@ -551,12 +556,64 @@ class FrontierMixin:
 
     # ------------------------------------------------------------------ directions
 
-    def refresh_directions(self) -> None:
-        """Re-estimate every capability direction at the current parameters.
+    def _refresh_task_indices(self) -> list[int]:
+        """Indices (in task order) of the tasks this refresh re-estimates (``capability_refresh_tasks``).
 
-        ``capability_estimator='batch'``: for each task, ``capability_rank`` batches are drawn from
-        the seeded sampler (identical on every rank, so DDP replicas stay byte-identical with no
-        communication) and their metric gradients become the task's directions, smoothed by
+        Refresh number n = ``global_step // capability_refresh_steps`` re-estimates tasks
+        (n·m + j) mod T for j = 0..m-1: derived from the step, so identical on every DDP rank and across
+        a checkpoint resume with no new state. Every task: m None (or m >= T), a forced refresh
+        (``_force_refresh``: the parameter set changed), a projector not holding every task's
+        directions (the first refresh, a retrack), or, in ``capability_space='both'``, no unrestricted
+        directions held to restrict again (a checkpoint saved without them).
+        """
+        assert self.projector is not None
+        num_tasks = len(self.capability_tasks)
+        every = list(range(num_tasks))
+        m = self._subset_refresh()
+        if m is None or self._force_refresh:
+            return every
+        if self.projector.num_directions != num_tasks * self.args.capability_rank:
+            return every
+        if self.activation_projector is not None and not self._raw_directions_valid():
+            return every
+        n = self.state.global_step // self.args.capability_refresh_steps
+        return sorted({(n * m + j) % num_tasks for j in range(m)})
+
+    def _subset_refresh(self) -> int | None:
+        """``capability_refresh_tasks`` when it is below the number of tasks, else None (every task)."""
+        m = getattr(self.args, "capability_refresh_tasks", None)
+        if m is None or m >= len(self.capability_tasks):
+            return None
+        return int(m)
+
+    def _raw_directions_valid(self) -> bool:
+        """Whether the held unrestricted directions (``capability_space='both'``) match the projector's."""
+        assert self.projector is not None
+        raw = self._raw_directions
+        return raw is not None and len(raw) == self.projector.num_directions and all(
+            len(d) == len(self.projector.params) for d in raw
+        )
+
+    def _raw_direction_bytes(self) -> int:
+        """Bytes of the held unrestricted directions not shared with the installed ones (``'both'``:
+        the activation restriction returns unprotected parameters' tensors uncopied)."""
+        if not self._raw_directions or self.projector is None:
+            return 0
+        installed = {t.untyped_storage().data_ptr() for d in self.projector.directions for t in d}
+        return sum(
+            t.numel() * t.element_size()
+            for d in self._raw_directions
+            for t in d
+            if t.untyped_storage().data_ptr() not in installed
+        )
+
+    def refresh_directions(self) -> None:
+        """Re-estimate the capability directions at the current parameters: every task's, or with
+        ``capability_refresh_tasks`` = m the m tasks of this refresh, round-robin.
+
+        ``capability_estimator='batch'``: for each re-estimated task, ``capability_rank`` batches are
+        drawn from the seeded sampler (identical on every rank, so DDP replicas stay byte-identical with
+        no communication) and their metric gradients become the task's directions, smoothed by
         ``capability_ema``. ``'sketch'``: the task's top ``capability_rank`` directions of a
         frequent-directions sketch of ``capability_sketch_batches`` micro-batch gradients
         (:func:`frontier_trainer.subspace.sketch_task_directions`; under DDP each rank draws its own
@@ -564,6 +621,20 @@ class FrontierMixin:
         previous directions at weight ``capability_ema``. Before they are installed, the
         generalisation leak of the last applied update against them is logged (they come from rows
         that did not project it).
+
+        Round-robin (``capability_refresh_tasks`` = m < T tasks): refresh n =
+        ``global_step // capability_refresh_steps`` re-estimates tasks (n·m + j) mod T, j < m
+        (:meth:`_refresh_task_indices`); the other tasks keep the directions they hold, bitwise, and
+        all are installed together (the null-space/frontier step of Thm 4.3 is over every task's
+        held directions). The first refresh, a forced one and one with no directions held re-estimate
+        every task. ``capability_ema`` smooths the re-estimated tasks only, and
+        ``frontier/capability_loss/<task>`` and ``frontier/generalisation_leak/<task>`` are logged for
+        them only. With ``capability_ema`` = 0 the re-estimated tasks' old tensors are dropped before
+        the new ones are computed, so the peak stays (k+1)× the trainable bytes. In
+        ``capability_space='both'`` the unrestricted directions are held as well (the installed ones
+        are restricted by the activation bases of their install; a kept direction must be restricted
+        again by the current bases from its unrestricted form, see
+        :meth:`ActivationProjector.project_directions`), counted in ``peak_state_bytes``.
         """
         assert self.projector is not None and self.capability_sampler is not None
         start = time.perf_counter()
@@ -571,17 +642,45 @@ class FrontierMixin:
         params = self.projector.params
         ema = float(self.args.capability_ema)
         sketch = self.args.capability_estimator == "sketch"
+        rank = self.args.capability_rank
         self._check_estimator_supported()  # again: accelerate's FSDP rebuilds the projector at step 0
-        old = self.projector.directions
-        if ema == 0:
-            # drop the previous directions before computing new ones: peak stays (k+1)x parameters
+        chosen = self._refresh_task_indices()
+        # capability_space="both" with a subset refresh: hold the unrestricted directions
+        keep_raw = self.activation_projector is not None and self._subset_refresh() is not None
+        if keep_raw and self._raw_directions_valid():
+            assert self._raw_directions is not None
+            old = list(self._raw_directions)
+            # the installed (restricted) copies are rebuilt at install: drop them now
             self.projector.clear_directions()
-            old = []
-        fresh: list[list[torch.Tensor]] = []
-        for t_index, task in enumerate(self.capability_tasks):
+        else:
+            old = list(self.projector.directions)
+        self._raw_directions = None
+        refreshed = {t * rank + r for t in chosen for r in range(rank)}
+        # slots[j]: direction j once known (kept ones now, re-estimated ones as they are computed)
+        slots: list[list[torch.Tensor] | None] = [
+            old[j] if j < len(old) and j not in refreshed else None for j in range(len(self.capability_tasks) * rank)
+        ]
+        # previous[j]: the re-estimated direction j's old value, for the EMA / the sketch's seed
+        previous: dict[int, list[torch.Tensor]] = {j: old[j] for j in sorted(refreshed) if j < len(old)}
+        del old
+        if ema == 0:
+            # drop the re-estimated tasks' previous directions before computing new ones: the peak
+            # stays (k+1)x parameters (the kept tasks' tensors are held in slots)
+            self.projector.clear_directions()
+            previous = {}
+        base = self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
+
+        def held_now(pending_after: int) -> int:
+            """Bytes held: known slots, previous values of directions after ``pending_after``, snapshot."""
+            known = _tensor_bytes([d for d in slots if d is not None])
+            pending = _tensor_bytes([d for j, d in previous.items() if j > pending_after and slots[j] is None])
+            return known + pending + base
+
+        for t_index in chosen:
+            task = self.capability_tasks[t_index]
             metric = self.capability_metrics.get(task, completion_metric)
+            block = range(t_index * rank, (t_index + 1) * rank)
             if sketch:
-                rank = self.args.capability_rank
                 result = sketch_task_directions(
                     model,
                     params,
@@ -591,18 +690,19 @@ class FrontierMixin:
                     num_batches=self.args.capability_sketch_batches,
                     oversample=self.args.capability_sketch_oversample,
                     metric=metric,
-                    previous=old[t_index * rank : (t_index + 1) * rank],
+                    previous=[previous[j] for j in block if j in previous],
                     ema=ema,
                     autocast=self.autocast_smart_context_manager,
                 )
-                held = _tensor_bytes(fresh) + _tensor_bytes(old[(t_index + 1) * rank :]) + result.peak_bytes
-                held += self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
+                held = held_now(block[-1]) + result.peak_bytes
                 self.peak_state_bytes = max(self.peak_state_bytes, held)
-                fresh.extend(result.directions)
+                for j, direction in zip(block, result.directions, strict=True):
+                    slots[j] = direction
+                    previous.pop(j, None)
                 self._record(f"frontier/capability_loss/{task}", -sum(result.values) / len(result.values))
                 continue
             values = []
-            for r in range(self.args.capability_rank):
+            for j in block:
                 batch = self.capability_sampler.next_batch(task)
                 with self.autocast_smart_context_manager():
                     # under FSDP2 autograd.grad gives None for sharded parameters: the sharded
@@ -613,44 +713,57 @@ class FrontierMixin:
                     else:
                         value, grads = capability_gradients(model, params, batch, metric=metric)
                 values.append(float(value))
-                j = t_index * self.args.capability_rank + r
-                if ema > 0 and len(old) > j:
-                    for prev, g in zip(old[j], grads, strict=True):
-                        prev.mul_(ema).add_(g.to(prev.dtype), alpha=1.0 - ema)
-                    fresh.append(old[j])
+                prev = previous.pop(j, None)
+                if ema > 0 and prev is not None:
+                    for p_old, g in zip(prev, grads, strict=True):
+                        p_old.mul_(ema).add_(g.to(p_old.dtype), alpha=1.0 - ema)
+                    slots[j] = prev
                 else:
-                    fresh.append(grads)
-                held = _tensor_bytes(fresh) + _tensor_bytes(old[len(fresh) :])
-                held += self.projector.extra_memory_bytes() - _tensor_bytes(self.projector.directions)
-                self.peak_state_bytes = max(self.peak_state_bytes, held)
+                    slots[j] = grads
+                self.peak_state_bytes = max(self.peak_state_bytes, held_now(j))
             self._record(f"frontier/capability_loss/{task}", -sum(values) / len(values))
+        directions = [d for d in slots if d is not None]
+        assert len(directions) == len(slots), "a direction was neither kept nor re-estimated"
         if self._has_applied_update:
-            self._log_generalisation_leak(fresh)
-        self._install_directions(fresh)
+            self._log_generalisation_leak([directions[j] for j in sorted(refreshed)], chosen)
+        self._install_directions(directions)
+        if keep_raw:
+            self._raw_directions = directions
         self._directions_step = self.state.global_step
         self._force_refresh = False
         self._record("frontier/refresh_seconds", time.perf_counter() - start)
 
-    def _direction_names(self) -> list[str]:
+    def _direction_names(self, tasks: Sequence[int] | None = None) -> list[str]:
+        """``"task 'name' direction r"`` for every direction of ``tasks`` (indices; default every task)."""
         rank = self.args.capability_rank
-        return [f"task {task!r} direction {r}" for task in self.capability_tasks for r in range(rank)]
+        chosen = range(len(self.capability_tasks)) if tasks is None else tasks
+        return [f"task {self.capability_tasks[t]!r} direction {r}" for t in chosen for r in range(rank)]
 
     def _install_directions(self, directions: list[list[torch.Tensor]]) -> None:
         """``projector.set_directions`` with direction names (its NaN/inf error names the task); in
-        ``capability_space="both"`` the directions are first restricted to the allowed updates."""
+        ``capability_space="both"`` the directions are first restricted to the allowed updates, by the
+        activation bases held now (kept directions too: they are passed unrestricted)."""
         assert self.projector is not None
         if self.activation_projector is not None:
             directions = self.activation_projector.project_directions(self.projector.params, directions)
         self.projector.set_directions(directions, names=self._direction_names())
 
-    def _log_generalisation_leak(self, fresh: list[list[torch.Tensor]]) -> None:
+    def _log_generalisation_leak(
+        self, fresh: list[list[torch.Tensor]], tasks: Sequence[int] | None = None
+    ) -> None:
         """``frontier/generalisation_leak/<task>``: max |cos| of the last applied update against the
-        task's fresh directions (issue 15 §1), measured before they are installed."""
+        task's fresh directions (issue 15 §1), measured before they are installed.
+
+        ``fresh`` holds ``capability_rank`` directions per task of ``tasks`` (indices, in order;
+        default every task): with ``capability_refresh_tasks`` only the re-estimated tasks are logged."""
         assert self.projector is not None
         rank = self.args.capability_rank
-        leaks = self.projector.update_leak(fresh, names=self._direction_names())
-        for i, task in enumerate(self.capability_tasks):
-            self._record(f"frontier/generalisation_leak/{task}", max(leaks[i * rank : (i + 1) * rank]))
+        chosen = list(range(len(self.capability_tasks))) if tasks is None else list(tasks)
+        leaks = self.projector.update_leak(fresh, names=self._direction_names(chosen))
+        for i, t in enumerate(chosen):
+            self._record(
+                f"frontier/generalisation_leak/{self.capability_tasks[t]}", max(leaks[i * rank : (i + 1) * rank])
+            )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -671,6 +784,9 @@ class FrontierMixin:
                 sampler=self.capability_sampler.state_dict() if self.capability_sampler else None,
                 fingerprints=data_fingerprints(self.capability_sampler) if self.capability_sampler else None,
                 tracked=self._tracked_names,
+                raw_directions=(
+                    None if self._raw_directions is None else [[c.cpu() for c in d] for d in self._raw_directions]
+                ),
                 raw_update_sum=(
                     None
                     if self._raw_update_sum is None
@@ -716,6 +832,15 @@ class FrontierMixin:
                 )
             self.projector.load_state_dict(state["directions"])
             self._directions_step = state["directions_step"]
+            raw = state.get("raw_directions")
+            self._raw_directions = (
+                None
+                if raw is None
+                else [
+                    [t.to(device=p.device, dtype=p.dtype) for p, t in zip(self.projector.params, d, strict=True)]
+                    for d in raw
+                ]
+            )
             if state["sampler"] is not None and self.capability_sampler is not None:
                 self.capability_sampler.load_state_dict(state["sampler"])
             if state.get("raw_update_sum") is not None:

@@ -29,6 +29,7 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -118,6 +119,13 @@ def check_arguments(
     if unknown_metrics:
         raise ValueError(
             f"capability_metrics names unknown task(s) {unknown_metrics}; tasks are {sorted(sources)}."
+        )
+    refresh_tasks = getattr(args, "capability_refresh_tasks", None)
+    if refresh_tasks is not None and sources and refresh_tasks > len(sources):
+        raise ValueError(
+            f"capability_refresh_tasks={refresh_tasks} is more than the {len(sources)} capability task(s) "
+            f"{sorted(sources)}: a refresh cannot re-estimate more tasks than there are. Set "
+            f"capability_refresh_tasks to at most {len(sources)}, or None to re-estimate every task at every refresh."
         )
     if args.projection == "none":
         return
@@ -489,6 +497,18 @@ def fsdp_world_sizes(training_args: Any) -> list[int]:
     return [world] if world > 1 else [2, 4, 8]
 
 
+def _refresh_tasks_line(training_args: Any, num_tasks: int) -> str:
+    """The plan's description of ``capability_refresh_tasks``: how many tasks a refresh re-estimates and how
+    often each task is refreshed (every ceil(T/m) refreshes, round-robin)."""
+    m = getattr(training_args, "capability_refresh_tasks", None)
+    if m is None or num_tasks == 0 or m >= num_tasks:
+        return f"capability_refresh_tasks={m} (every task at every refresh)"
+    every = math.ceil(num_tasks / m) * training_args.capability_refresh_steps
+    return (
+        f"capability_refresh_tasks={m} of {num_tasks} (round-robin: each task re-estimated every {every} steps)"
+    )
+
+
 def human_bytes(n: float | None) -> str:
     """``1.5 MiB``-style size (``unknown`` for ``None``)."""
     if n is None:
@@ -721,7 +741,8 @@ class FrontierPlan:
             f"  batch: per_device_train_batch_size={per_device} x gradient_accumulation_steps={accum} x "
             f"world_size={self.world_size} = {per_device * accum * self.world_size}; "
             f"capability_batch_size={training_args.capability_batch_size}, "
-            f"capability_refresh_steps={training_args.capability_refresh_steps}",
+            f"capability_refresh_steps={training_args.capability_refresh_steps}, "
+            f"{_refresh_tasks_line(training_args, len(tasks) if tasks else 0)}",
             f"  precision: {mode}, weights dtype={model_args.dtype}, device={device}",
             f"  output_dir: {training_args.output_dir}; report_to: {training_args.report_to}",
         ]
