@@ -17,6 +17,7 @@ import copy
 import itertools
 import json
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +281,49 @@ def test_peak_state_bytes_stays_k_plus_one(model_dir: Path, tmp_path: Path) -> N
     trainer = run(model_dir, tmp_path, max_steps=3, capability_rank=2)
     per = sum(p.numel() * p.element_size() for p in trainer.projector.params)
     assert trainer.peak_state_bytes == (3 * 2 + 1) * per
+
+
+class DropCheck(FrontierDPOTrainer):
+    """At each round-robin refresh, counts how many of the re-estimated task's old direction tensors are
+    still alive (weak references) when its first capability batch is drawn."""
+
+    def refresh_directions(self) -> None:
+        assert self.projector is not None and self.capability_sampler is not None
+        alive = self.__dict__.setdefault("alive", [])
+        if self.state.global_step == 0:
+            super().refresh_directions()
+            return
+        (task,) = scheduled(self.state.global_step, 1)
+        i, rank = TASKS.index(task), self.args.capability_rank
+        refs = [weakref.ref(t) for d in self.projector.directions[i * rank : (i + 1) * rank] for t in d]
+        sampler = self.capability_sampler
+        original = sampler.next_batch
+        seen: list[int] = []
+
+        def next_batch(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == task and not seen:
+                seen.append(sum(r() is not None for r in refs))
+            return original(name, *args, **kwargs)
+
+        sampler.next_batch = next_batch  # type: ignore[method-assign]
+        try:
+            super().refresh_directions()
+        finally:
+            del sampler.next_batch
+        alive.extend(seen)
+
+
+def test_re_estimated_tasks_old_tensors_are_freed_before_computing(model_dir: Path, tmp_path: Path) -> None:
+    """capability_ema = 0: what keeps the peak at (k+1)x is that the old tensors are gone, not only counted."""
+    trainer = DropCheck(
+        model=str(model_dir),
+        args=config(tmp_path, max_steps=4, capability_rank=2),
+        train_dataset=preference_dataset(),
+        processing_class=build_tokenizer(),
+        capability_datasets=three_tasks(),
+    )
+    trainer.train()
+    assert trainer.alive == [0, 0, 0]
 
 
 # --------------------------------------------------------------------------------------
