@@ -88,6 +88,18 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "sketch-r10-small": dict(
         capability_estimator="sketch", capability_refresh_steps=10, capability_batch_size=2, capability_sketch_batches=4
     ),
+    # cheaper refreshes (issue 15 §4): fewer rows, rarer refreshes, one task per refresh (round-robin,
+    # capability_refresh_tasks) with an EMA that carries earlier rows along (a streaming estimate)
+    "batch-r10-b4": dict(capability_refresh_steps=10, capability_batch_size=4),
+    "batch-r10-b2": dict(capability_refresh_steps=10, capability_batch_size=2),
+    "batch-r20-b4": dict(capability_refresh_steps=20, capability_batch_size=4),
+    "rr-r5-b4": dict(capability_refresh_steps=5, capability_batch_size=4, capability_refresh_tasks=1),
+    "stream-r2-b1": dict(
+        capability_refresh_steps=2, capability_batch_size=1, capability_refresh_tasks=1, capability_ema=0.8
+    ),
+    "stream-r1-b2": dict(
+        capability_refresh_steps=1, capability_batch_size=2, capability_refresh_tasks=1, capability_ema=0.8
+    ),
 }
 """Name -> FrontierDPOConfig overrides (None: vanilla trl.DPOTrainer). A ``+benign`` suffix on any
 projected name adds the suite's benign prompt-only task."""
