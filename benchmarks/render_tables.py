@@ -134,17 +134,39 @@ def arena_targets(preset: str, results: Path = RESULTS) -> str:
     return "\n".join([*lines, "", _source(path)])
 
 
+def arena_leak(preset: str, results: Path = RESULTS) -> str:
+    """An arena preset's held-out generalisation leak per method (``benchmarks.arena.leak``)."""
+    path = results / "arena" / preset / "results.json"
+    s = _load(path)
+    lines = [
+        "| method | held-out leak | ratio to vanilla [min, max over seed pairs] | trainer's generalisation leak | "
+        "realised leak |",
+        "|---|---|---|---|---|",
+    ]
+    for m, r in s.get("leak", {}).items():
+        ratio = (
+            f"{r['leak_ratio']:.2f} [{r['leak_ratio_min']:.2f}, {r['leak_ratio_max']:.2f}]" if "leak_ratio" in r else "-"
+        )
+        gen = f"{r['generalisation_leak']:.4f}" if "generalisation_leak" in r else "-"
+        real = f"{r['realised_leak']:.1e}" if "realised_leak" in r else "-"
+        held = f"{r['held_out_leak']:.4f}" if "held_out_leak" in r else "-"
+        name = f"**{m}**" if m in s.get("ours", []) else m
+        lines.append(f"| {name} | {held} | {ratio} | {gen} | {real} |")
+    return "\n".join([*lines, "", _source(path)])
+
+
 def renderer(name: str, results: Path = RESULTS) -> Callable[[], str]:
     """The function that renders table ``name``; ``ValueError`` names the known tables."""
     if name == "demo-summary":
         return lambda: demo_summary(results)
-    m = re.fullmatch(r"arena-(?P<preset>[\w.-]+?)(?:-(?P<kind>verdicts|targets))?", name)
+    m = re.fullmatch(r"arena-(?P<preset>[\w.-]+?)(?:-(?P<kind>verdicts|targets|leak))?", name)
     if m:
         kind, preset = m["kind"], m["preset"]
-        fn = {"verdicts": arena_verdicts, "targets": arena_targets}.get(kind or "", arena_methods)
+        fn = {"verdicts": arena_verdicts, "targets": arena_targets, "leak": arena_leak}.get(kind or "", arena_methods)
         return lambda: fn(preset, results)
     raise ValueError(
-        f"table {name!r} unknown; use demo-summary, arena-<preset>, arena-<preset>-verdicts or arena-<preset>-targets."
+        f"table {name!r} unknown; use demo-summary, arena-<preset>, arena-<preset>-verdicts, arena-<preset>-targets or "
+        "arena-<preset>-leak."
     )
 
 

@@ -454,6 +454,9 @@ def test_render_tables_from_results_files(tmp_path: Path) -> None:
         "cost": {"nullspace": {"step_time_ratio": 1.234}},
         "verdicts": [{"ours": "nullspace", "baseline": "vanilla", "verdict": "crosses", "evidence": "e"}],
         "targets": {"nullspace": [{"target": "t", "estimate": iv, "status": "met"}]},
+        "leak": {"vanilla": {"held_out_leak": 0.05, "leak_ratio": 1.0, "leak_ratio_min": 1.0, "leak_ratio_max": 1.0},
+                 "nullspace": {"held_out_leak": 0.02, "leak_ratio": 0.4, "leak_ratio_min": 0.3, "leak_ratio_max": 0.5,
+                               "generalisation_leak": 0.03, "realised_leak": 1e-7}},
     }))  # fmt: skip
     row = {"method": "vanilla DPO", "refusal": 0.3, "refusal_ci": [0.1, 0.5], "refusal_gain": 0.3,
            "refusal_gain_ci": [0.1, 0.5], "mean_capability_change": -0.2, "mean_capability_change_ci": [-0.3, -0.1],
@@ -465,13 +468,16 @@ def test_render_tables_from_results_files(tmp_path: Path) -> None:
     text = (
         "intro\n<!-- table:arena-lab-quick -->\nold\n<!-- /table:arena-lab-quick -->\nmiddle\n"
         "<!-- table:arena-lab-quick-verdicts -->\n<!-- /table:arena-lab-quick-verdicts -->\n"
-        "<!-- table:demo-summary -->\nstale\n<!-- /table:demo-summary -->\nend\n"
+        "<!-- table:demo-summary -->\nstale\n<!-- /table:demo-summary -->\n"
+        "<!-- table:arena-lab-quick-leak -->\n<!-- /table:arena-lab-quick-leak -->\nend\n"
     )
     out = render_tables.render_text(text, results)
     assert out.startswith("intro\n<!-- table:arena-lab-quick -->\n| method |") and "\nmiddle\n" in out
     assert "| **nullspace** | 0.0003 | +0.50 [+0.40, +0.60] |" in out and "| 1.23 |" in out
     assert "| nullspace | vanilla | **crosses** | e |" in out
     assert "| vanilla DPO | 0.30 [0.10, 0.50] | +0.30 [+0.10, +0.50] |" in out and "(chemistry)" in out
+    assert "| **nullspace** | 0.0200 | 0.40 [0.30, 0.50] | 0.0300 | 1.0e-07 |" in out
+    assert "| vanilla | 0.0500 | 1.00 [1.00, 1.00] | - | - |" in out
     assert "old" not in out and "stale" not in out and out.endswith("end\n")
     assert render_tables.render_text(out, results) == out  # idempotent
     with pytest.raises(ValueError, match="table 'bogus' unknown"):
