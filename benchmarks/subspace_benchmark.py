@@ -94,6 +94,12 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "batch-r10-b2": dict(capability_refresh_steps=10, capability_batch_size=2),
     "batch-r20-b4": dict(capability_refresh_steps=20, capability_batch_size=4),
     "rr-r5-b4": dict(capability_refresh_steps=5, capability_batch_size=4, capability_refresh_tasks=1),
+    "batch-r10-k4-b2": dict(capability_refresh_steps=10, capability_batch_size=2, capability_rank=4),
+    "batch-r10-k2-b2": dict(capability_refresh_steps=10, capability_batch_size=2, capability_rank=2),
+    # the real suite's capability rows are cut at the preset's 128 tokens by default: only 10 of HumanEval's
+    # 66 directions rows are that short (median 171 tokens); these keep rows up to 256 / 512 tokens
+    "batch-r10-b4-len256": dict(capability_refresh_steps=10, capability_batch_size=4, capability_max_length=256),
+    "batch-r10-b4-len512": dict(capability_refresh_steps=10, capability_batch_size=4, capability_max_length=512),
     "stream-r2-b1": dict(
         capability_refresh_steps=2, capability_batch_size=1, capability_refresh_tasks=1, capability_ema=0.8
     ),
@@ -157,13 +163,13 @@ def run_config(
         caps = dict(suite.capability_datasets())
         if name.endswith("+benign"):
             caps["benign"] = BENIGN[preset.suite]
-        config = FrontierDPOConfig(
-            **common,
-            projection="nullspace",
-            degradation_tracking=False,
+        fields = {
+            "projection": "nullspace",
+            "degradation_tracking": False,
             **({"capability_max_length": preset.max_length} if preset.suite == "real" else {}),
             **overrides,
-        )
+        }
+        config = FrontierDPOConfig(**common, **fields)
         trainer = FrontierDPOTrainer(
             model=model,
             args=config,
@@ -191,6 +197,12 @@ def run_config(
         "held_out_leak": leaks,
         "held_out_leak_mean": statistics.fmean(leaks.values()),
         "held_out_nll_rise": probe.nll_rise,
+        # the trainer's own timings, means over its logging windows (absent for vanilla)
+        "trainer_seconds": {
+            key.removeprefix("frontier/"): statistics.fmean(row[key] for row in trainer.state.log_history if key in row)
+            for key in ("frontier/projection_seconds", "frontier/refresh_seconds", "frontier/leak_seconds")
+            if any(key in row for row in trainer.state.log_history)
+        },
         "metrics": {k: statistics.fmean(v) for k, v in samples.items() if v},
     }
 
@@ -201,7 +213,8 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, float]) -> list[dict[s
     for r in rows:
         row: dict[str, Any] = {
             "config": r["config"],
-            "time_ratio": r["step_time_mean"] / vanilla["step_time_mean"],
+            # --interleave: against the vanilla run just before this one (cancels the machine's drift)
+            "time_ratio": r["step_time_mean"] / r.get("adjacent_vanilla_step_time", vanilla["step_time_mean"]),
             "held_out_leak": r["held_out_leak_mean"],
             "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
             "held_out_nll_rise": r["held_out_nll_rise"],
@@ -285,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the generation-based validation scores (timing, leak, NLL only)"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run vanilla again just before every other configuration and time each against that run "
+        "(the CPU's speed drifts by ±10%% over minutes; adjacent runs cancel most of it)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/subspace"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -310,6 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         seed_rows = []
         for name in tqdm(args.configs, desc=f"configs (seed {seed})"):
+            adjacent = None
+            if args.interleave and name != "vanilla":
+                logger.info("seed %d: training vanilla (timing reference for %s)", seed, name)
+                adjacent = run_config(
+                    "vanilla", suite, preset, model_dir, lr, seed, out / "runs", args.probe_rows, evaluate=False
+                )
+                adjacent |= {"seed": seed, "timing_reference_for": name}
+                rows.append(adjacent)
             logger.info("seed %d: training %s", seed, name)
             seed_rows.append(
                 run_config(
@@ -317,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
             seed_rows[-1]["seed"] = seed
+            if adjacent is not None:
+                seed_rows[-1]["adjacent_vanilla_step_time"] = adjacent["step_time_mean"]
             logger.info("%s: %s", name, json.dumps(seed_rows[-1]))
         rows += seed_rows
         per_seed.append(summarise(seed_rows, base))
@@ -327,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": preset.steps,
         "lr": lr,
         "seeds": args.seeds,
+        "interleave": args.interleave,
         "per_seed_summary": per_seed,
         "commit": commit,
         "machine": f"{platform.platform()}; torch {torch.__version__}; threads {torch.get_num_threads()}",
