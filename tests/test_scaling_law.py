@@ -123,6 +123,10 @@ def test_seed_bootstrap_interval() -> None:
     lo, hi = sl.seed_bootstrap(dims, exact, 100)
     assert lo == pytest.approx(0.2, abs=1e-12) and hi == pytest.approx(0.2, abs=1e-12)
     assert sl.seed_bootstrap(dims, taus, 0) is None
+    # one seed per d: resampling within each d keeps both sizes, so the fit is exact every time; a
+    # bootstrap that pooled the points across sizes would often draw one size twice (a singular fit)
+    lo, hi = sl.seed_bootstrap([32.0, 128.0], [0.2 + 1 / 32, 0.2 + 1 / 128], 200)
+    assert lo == pytest.approx(0.2, abs=1e-12) and hi == pytest.approx(0.2, abs=1e-12)
 
 
 @pytest.mark.parametrize(
