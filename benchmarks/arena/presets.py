@@ -21,6 +21,13 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "sketch": {"capability_estimator": "sketch", "capability_rank": 4, "capability_refresh_steps": 1},
     "activation": {"capability_space": "activation"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
+    # round-robin (issue 15 §4): one task re-estimated per refresh from 4 rows
+    "nullspace-rr": {"capability_refresh_steps": 5, "capability_batch_size": 4, "capability_refresh_tasks": 1},
+    "nullspace-rr-every-step": {
+        "capability_refresh_steps": 1,
+        "capability_batch_size": 4,
+        "capability_refresh_tasks": 1,
+    },
     "nullspace-benign": {"protect_benign": True},
     "nullspace-hold": {"protect_benign": True, "hold_refusal": True},
     "nullspace-hold-every-step": {
