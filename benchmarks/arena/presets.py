@@ -240,8 +240,9 @@ PRESETS: dict[str, Preset] = {
         # tasks; GSM8K's 128-token chain of thought, HellaSwag and PIQA are left to the gpu preset
         real_tasks=("bigbench_arithmetic", "arc_easy", "mmlu"),
         real_nll_sets=("humaneval",),
-        # the leak probe's two held-out gradients per step cost about two DPO steps here: off in the preset
-        # (already over its time target); `--leak-rows 4` turns it on (benchmarks/README.md §5)
+        # the leak probe adds two held-out gradient passes per step (rows of up to 512 tokens): off in the
+        # preset, already over its time target; `--leak-rows 4` turns it on. SmolLM2's held-out leak is
+        # measured by benchmarks/subspace_benchmark.py (benchmarks/README.md §8)
         leak_rows=0,
     ),
     # a lent GPU: the full real evaluation sets, 100 steps of batch 8, every method (not run here).
