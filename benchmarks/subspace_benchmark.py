@@ -194,6 +194,7 @@ def run_config(
         "overrides": overrides,
         "step_time_mean": statistics.fmean(step),
         "step_time_median": statistics.median(step),
+        "step_seconds": step,
         "held_out_leak": leaks,
         "held_out_leak_mean": statistics.fmean(leaks.values()),
         "held_out_nll_rise": probe.nll_rise,
