@@ -109,6 +109,8 @@ def main() -> None:
     else:
         if kind == "sketch":
             settings.update(capability_estimator="sketch", capability_sketch_batches=3, capability_batch_size=2)
+        if kind == "roundrobin":  # one of the two tasks re-estimated per refresh, every step
+            settings.update(capability_refresh_tasks=1, capability_refresh_steps=1)
         args = FrontierDPOConfig(**settings)
         trainer = Recording(model=model_dir, args=args, train_dataset=preference_dataset(32), **common)
     sampler = trainer.capability_sampler

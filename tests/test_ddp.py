@@ -64,6 +64,29 @@ def test_ddp_grpo_ranks_stay_byte_identical(tmp_path: Path) -> None:
     assert max(max(r["leak"]) for r in ranks[0]) <= 1e-5
 
 
+def test_ddp_round_robin_refresh_follows_one_schedule_on_every_rank(tmp_path: Path) -> None:
+    """capability_refresh_tasks=1 under DDP: the task re-estimated at each refresh comes from the step
+    alone, so both ranks draw the same task's rows in the same order and stay byte-identical."""
+    model_dir = build_model_dir(tmp_path / "model")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(26500 + os.getpid() % 1000),
+         str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "roundrobin"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]
+    assert [a["directions_sha256"] for a in ranks[0]] == [b["directions_sha256"] for b in ranks[1]]
+    assert len({r["directions_sha256"] for r in ranks[0]}) == 4  # one task re-estimated at every step
+    drawn = [[task for task, _ in ranks[r][-1]["drawn"]] for r in (0, 1)]
+    # step 0 every task; then refresh n re-estimates task n mod 2 (copy = 0, count = 1)
+    assert drawn[0] == drawn[1] == ["copy", "count", "count", "copy", "count"]
+    assert max(max(r["leak"]) for r in ranks[0]) <= 1e-5
+
+
 def test_ddp_sketch_ranks_draw_their_own_rows_and_stay_identical(tmp_path: Path) -> None:
     """capability_estimator='sketch' under DDP (issue 15 §2): each rank draws different capability rows
     (N ranks estimate from N x the data), the micro-batch gradients are all-reduced and rank 0's

@@ -284,32 +284,26 @@ class RealSuite:
         return self._prefs
 
     def capability_datasets(self) -> dict[str, Any]:
-        from frontier_trainer.real import data
-
         if self._caps is None:
-            n = self.preset.capability_rows
-            caps = {}
-            for task, source in self.CAPABILITY_TASKS.items():
-                if source == "humaneval":
-                    ds = data.load_humaneval(split="directions")
-                    caps[task] = ds.select(range(min(n, len(ds))))
-                else:
-                    caps[task] = data.load_bigbench_task(source, split="directions", n=n)
-            self._caps = caps
+            self._caps = self._task_rows("directions", self.preset.capability_rows)
         return self._caps
 
     def held_out_capability(self, n: int) -> dict[str, Any]:
         """The protected tasks' rows from their eval splits (disjoint from the directions split the trainers
         get), for the held-out leak (:mod:`benchmarks.arena.leak`)."""
+        return self._task_rows("eval", n)
+
+    def _task_rows(self, split: str, n: int) -> dict[str, Any]:
+        """Up to ``n`` rows of each protected task from a split of ``frontier_trainer.real.data``."""
         from frontier_trainer.real import data
 
         out = {}
         for task, source in self.CAPABILITY_TASKS.items():
             if source == "humaneval":
-                ds = data.load_humaneval(split="eval")
+                ds = data.load_humaneval(split=split)
                 out[task] = ds.select(range(min(n, len(ds))))
             else:
-                out[task] = data.load_bigbench_task(source, split="eval", n=n)
+                out[task] = data.load_bigbench_task(source, split=split, n=n)
         return out
 
     def peft_config(self) -> Any | None:
