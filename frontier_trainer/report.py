@@ -176,15 +176,31 @@ def sequence_logprob_sums(model: nn.Module, batch: Mapping[str, torch.Tensor]) -
 def _preference_rows(
     dataset: datasets.Dataset, tokenizer: Any, max_length: int | None, name: str
 ) -> CapabilitySampler:
-    """Tokenise chosen and rejected completions like TRL (EOS appended) into one paired sampler."""
+    """Tokenise chosen and rejected completions like TRL into one paired sampler.
+
+    As ``trl.DPOTrainer`` does: plain-text rows get the EOS appended to each completion; conversational
+    rows (``prompt`` a list of messages, ``chosen``/``rejected`` the assistant turn) are rendered with the
+    chat template, ``prompt + chosen``, and nothing is appended (the template's end of turn ends them).
+    """
     missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise ValueError(
             f"{name}: a preference dataset needs columns prompt/chosen/rejected; missing {sorted(missing)}"
         )
     eos = getattr(tokenizer, "eos_token", None) or ""
+    first = dataset[0] if len(dataset) else {}
+    conversational = all(isinstance(first.get(c), list) for c in ("prompt", "chosen", "rejected"))
+    if not conversational and any(isinstance(first.get(c), list) for c in ("prompt", "chosen", "rejected")):
+        raise ValueError(
+            f"{name}: prompt, chosen and rejected must be all strings or all lists of messages "
+            "(TRL's conversational format); this dataset mixes the two"
+        )
 
     def side(column: str) -> datasets.Dataset:
+        if conversational:
+            return datasets.Dataset.from_dict(
+                {"messages": [list(p) + list(c) for p, c in zip(dataset["prompt"], dataset[column], strict=True)]}
+            )
         return datasets.Dataset.from_dict(
             {
                 "prompt": list(dataset["prompt"]),

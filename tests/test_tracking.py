@@ -217,6 +217,40 @@ def test_safety_direction_is_parallel_to_trl_dpo_gradient_at_init(model_dir: Pat
     assert float(dpo.norm()) == pytest.approx(beta / 2 * float(ours_flat.norm()), rel=1e-3)
 
 
+def test_safety_direction_renders_conversational_preferences_as_trl_does(model_dir: Path, tmp_path: Path) -> None:
+    """Conversational prompt/chosen/rejected rows (TRL's format) give TRL's DPO gradient too: rendered with the
+    chat template and no EOS appended (an appended EOS or the plain-text path breaks the parallelism)."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} => {% else %}{{ m['content'] }} "
+        "{% endif %}{% endfor %}"
+    )
+    rows = preference_dataset(8)
+    prefs = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"].removesuffix(" =>")}],
+                "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+            }
+            for r in rows
+        ]
+    )
+    trainer = DPOTrainer(model=str(model_dir), args=dpo_args(tmp_path), train_dataset=prefs, processing_class=tok)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ds = trainer._remove_unused_columns(trainer.train_dataset, description="test")
+    batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(8)]))
+    model.eval()
+    dpo = torch.cat([-g.reshape(-1) for g in torch.autograd.grad(trainer.compute_loss(model, batch), params)])
+    _, ours = safety_direction(model, params, tok, prefs, batches=1, batch_size=8)
+    ours_flat = torch.cat([g.reshape(-1) for g in ours])
+    assert float(dpo @ ours_flat / (dpo.norm() * ours_flat.norm())) > 0.9999
+    mixed = Dataset.from_list([{**rows[0], "chosen": [{"role": "assistant", "content": "sorry"}]}])
+    with pytest.raises(ValueError, match=r"preferences: prompt, chosen and rejected must be all strings or all lists"):
+        safety_direction(model, params, tok, mixed, batches=1, batch_size=1)
+
+
 def test_geometry_report_on_tiny_model_and_cli(model_dir: Path, tmp_path: Path, capsys) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = build_tokenizer()

@@ -35,6 +35,19 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "hold_refusal": True,
         "capability_refresh_steps": 1,
     },
+    # issue 15 §3: does the hold generalise to held-out look-alikes with more rows behind each direction?
+    "nullspace-hold-every-step-r4": {  # 4 directions per task, each from its own batch of 8 rows
+        "protect_benign": True,
+        "hold_refusal": True,
+        "capability_refresh_steps": 1,
+        "capability_rank": 4,
+    },
+    "nullspace-hold-every-step-b32": {  # one direction per task from 32 rows
+        "protect_benign": True,
+        "hold_refusal": True,
+        "capability_refresh_steps": 1,
+        "capability_batch_size": 32,
+    },
 }
 """Our trainer's null-space variants: ``FrontierDPOConfig`` fields on top of the library defaults
 (``nullspace`` is the defaults themselves). ``protect_benign`` and ``hold_refusal`` are the arena's own switches, not
@@ -243,6 +256,27 @@ PRESETS: dict[str, Preset] = {
         # the leak probe adds two held-out gradient passes per step (rows of up to 512 tokens): off in the
         # preset, already over its time target; `--leak-rows 4` turns it on. SmolLM2's held-out leak is
         # measured by benchmarks/subspace_benchmark.py (benchmarks/README.md §8)
+        leak_rows=0,
+    ),
+    # issue 13 §1: activation mode where it is meant to pay, full fine-tuning of SmolLM2 (no LoRA), against
+    # vanilla, NSPO-style and gradient mode; smollm2-cpu's data, steps and evaluation, full-fine-tuning rates
+    "smollm2-cpu-full": Preset(
+        name="smollm2-cpu-full",
+        suite="real",
+        pretrain_seeds=(0,),
+        train_seeds=(0, 1, 2),
+        learning_rates=(1e-5, 3e-5, 1e-4),
+        tolerances=(0.02, 0.05),
+        methods=("vanilla", "activation", "nspo", "nullspace"),
+        steps=10,
+        batch_size=2,
+        eval_limit=16,
+        capability_rows=32,
+        max_length=128,
+        lora_r=0,
+        replicates=1000,
+        real_tasks=("bigbench_arithmetic", "arc_easy", "mmlu"),
+        real_nll_sets=("humaneval",),
         leak_rows=0,
     ),
     # a lent GPU: the full real evaluation sets, 100 steps of batch 8, every method (not run here).

@@ -307,9 +307,13 @@ class RealSuite:
         return out
 
     def peft_config(self) -> Any | None:
+        """LoRA on every linear of the decoder blocks at the preset's rank; ``None`` (full fine-tuning)
+        when ``lora_r`` is 0."""
         from peft import LoraConfig
 
         r = self.preset.lora_r
+        if r == 0:
+            return None
         return LoraConfig(
             r=r,
             lora_alpha=2 * r,
