@@ -12,13 +12,26 @@ preference data's *preferred* (refusing) responses. Given to the trainer as a ca
 null-space rule removes the step's component along ∇ log p(y_refuse | x_benign) (Thm 4.3 applied to
 this task: zero first-order change of that log-likelihood), so the refusal's likelihood on benign
 prompts is held, not pushed down: the harmlessness–helpfulness tradeoff of §6 handled as one more
-protected direction. Frontier mode (``capability_tolerance``) relaxes the hold by ε per task.
+protected direction.
+
+Frontier mode bounds a capability's *loss* only (⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖, Thm 4.1): with the default metric
+(the refusal's log-likelihood) it would stop the refusal on benign prompts from *falling* and let it rise
+freely, which is no hold at all. :func:`refusal_avoidance_metric` turns the quantity round: its value is
+−log p(y_refuse | x_benign), so its loss is the refusal's rise, and ε_i bounds that rise per step,
+⟨∇ log p(y_refuse | x_benign), δ⟩ ≤ ε_i‖u‖: the refusal-versus-over-refusal trade of §6 at a chosen
+point. Null-space mode is the same with either metric (a projection does not see a direction's sign).
 
 Typical use::
 
-    from frontier_trainer.benign import refusal_hold_dataset
+    from frontier_trainer.benign import refusal_avoidance_metric, refusal_hold_dataset
     hold = refusal_hold_dataset(benign_prompts, preference_dataset["chosen"], n=256)
-    trainer = FrontierDPOTrainer(..., capability_datasets={**tasks, "refusal_on_benign": hold})
+    trainer = FrontierDPOTrainer(
+        ...,
+        capability_datasets={**tasks, "refusal_on_benign": hold},
+        capability_metrics={"refusal_on_benign": refusal_avoidance_metric},
+    )
+    # frontier mode, other tasks held exactly, the refusal on benign prompts allowed to rise by ε = 0.1:
+    # FrontierDPOConfig(projection="frontier", capability_tolerance={"refusal_on_benign": 0.1}, ...)
 """
 
 from __future__ import annotations
@@ -28,6 +41,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+import torch
+from torch import nn
+
+from frontier_trainer.directions import completion_metric
 
 
 def _is_conversation(value: Any) -> bool:
@@ -133,4 +150,15 @@ def refusal_hold_dataset(
     return datasets.Dataset.from_dict({"messages": messages})
 
 
-__all__ = ["refusal_hold_dataset"]
+def refusal_avoidance_metric(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """−(mean log-likelihood of the refusal) on refusal-hold rows: the capability "does not refuse here".
+
+    The ``capability_metrics`` entry for a :func:`refusal_hold_dataset` task (module docstring): its
+    direction is −∇ log p(y_refuse | x_benign), so frontier mode's ε bounds the refusal's per-step rise on
+    benign prompts, and ``frontier/capability_loss/<task>`` is the refusal's mean log-likelihood (a rise
+    is a loss).
+    """
+    return -completion_metric(model, batch)
+
+
+__all__ = ["refusal_avoidance_metric", "refusal_hold_dataset"]

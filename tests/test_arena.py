@@ -539,3 +539,21 @@ def test_every_variant_of_ours_is_a_valid_config_with_its_fields(method: str, tm
         assert len(hold) == preset.capability_rows and set(hold["completion"]) == {" sorry"}
         assert all(p.endswith("=>") for p in hold["prompt"])  # the lab's benign look-alikes
     assert caps["arithmetic"] == "lab:arithmetic"
+
+
+def test_hold_variants_reach_the_trainer_with_the_avoidance_metric(tmp_path: Path) -> None:
+    """The arena hands the hold task its avoidance metric (frontier mode then bounds the refusal's rise, not its
+    fall) and a frontier-hold variant its own projection and per-task ε; other methods get no metric."""
+    from frontier_trainer.benign import refusal_avoidance_metric
+
+    preset = replace(presets.get_preset("lab-quick"), capability_rows=8)
+    suite = _TinySuite(tmp_path)
+    built = {}
+    for method in ("nullspace", "frontier-hold-b32-eps0.1"):
+        model, tok = suite.load(suite.base_model(0))
+        built[method] = protocol.build_method_trainer(method, preset, suite, model, tok, tmp_path / method, 1e-4, 0)
+    hold = built["frontier-hold-b32-eps0.1"]
+    assert hold.capability_metrics == {"refusal_on_benign": refusal_avoidance_metric}
+    assert hold.args.projection == "frontier"
+    assert hold.args.capability_tolerance == {"refusal_on_benign": 0.1}
+    assert built["nullspace"].capability_metrics == {} and built["nullspace"].args.projection == "nullspace"

@@ -99,3 +99,54 @@ def test_a_projected_step_holds_the_refusal_likelihood_on_benign_prompts(tmp_pat
         moved[projection] = abs(refusal_logp(trainer.model) - before)
     assert moved["none"] > 0.05, moved  # vanilla DPO does raise the refusal on benign prompts
     assert moved["nullspace"] < 0.35 * moved["none"], moved
+
+
+def test_frontier_bounds_the_refusals_rise_only_with_the_avoidance_metric(tmp_path, one_torch_thread) -> None:
+    """Frontier mode bounds a capability's *loss*. With ``refusal_avoidance_metric`` the hold task's loss is the
+    refusal's rise on benign prompts, so ε = 0 holds it (as null-space does) and a larger ε lets it rise more;
+    with the default metric the same ε = 0 bounds only a fall, and the step is vanilla's (the refusal rises as
+    under vanilla DPO). Fails if the arena or a user's metric is dropped, or its sign is lost."""
+    from transformers import LlamaForCausalLM
+
+    from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+    from frontier_trainer.benign import refusal_avoidance_metric
+    from frontier_trainer.directions import completion_metric
+    from tests.tiny import build_model_dir, build_tokenizer, preference_dataset
+
+    model_dir = build_model_dir(tmp_path / "model")
+    tok = build_tokenizer()
+    prefs = preference_dataset(16)
+    benign = [f"copy w{i} w{i + 1} =>" for i in range(8)]
+    hold = refusal_hold_dataset(benign, prefs, n=8)
+    ids = tok([p + " sorry refuse" for p in benign], return_tensors="pt").input_ids
+    labels = ids.clone()
+    labels[:, : len(tok(benign[0]).input_ids)] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        before = float(completion_metric(base, batch))
+        assert float(refusal_avoidance_metric(base, batch)) == pytest.approx(-before, abs=1e-7)
+    rise = {}
+    runs = {"vanilla": ("none", 0.0, False), "default metric": ("frontier", 0.0, False)}
+    runs |= {f"avoidance eps {e}": ("frontier", e, True) for e in (0.0, 0.05, 0.5)}
+    for name, (projection, eps, avoid) in runs.items():
+        args = FrontierDPOConfig(
+            output_dir=str(tmp_path / name.replace(" ", "-")), max_steps=4, per_device_train_batch_size=8,
+            learning_rate=3e-3, report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
+            seed=0, projection=projection, capability_tolerance=eps if projection == "frontier" else None,
+            capability_refresh_steps=1, capability_batch_size=8, degradation_tracking=False,
+        )  # fmt: skip
+        trainer = FrontierDPOTrainer(
+            model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=prefs, processing_class=tok,
+            capability_datasets={"refusal_on_benign": hold} if projection != "none" else None,
+            capability_metrics={"refusal_on_benign": refusal_avoidance_metric} if avoid else None,
+        )  # fmt: skip
+        trainer.train()
+        with torch.no_grad():
+            rise[name] = float(completion_metric(trainer.model, batch)) - before
+    assert rise["vanilla"] > 0.01, rise  # DPO raises the refusal on benign prompts
+    assert rise["default metric"] == pytest.approx(rise["vanilla"], rel=0.05), rise  # a one-sided bound on a fall
+    assert abs(rise["avoidance eps 0.0"]) < 0.35 * rise["vanilla"], rise
+    # ε trades: a small one lets part of the rise through, a large one (inactive here) all of it
+    v = rise["vanilla"]
+    assert rise["avoidance eps 0.0"] + 0.1 * v < rise["avoidance eps 0.05"] < rise["avoidance eps 0.5"] - 0.1 * v, rise

@@ -48,6 +48,19 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "capability_refresh_steps": 1,
         "capability_batch_size": 32,
     },
+    # ...and the hold relaxed in frontier mode: the refusal on benign prompts may rise by ε per step
+    # (frontier_trainer.benign.refusal_avoidance_metric), every other task held at ε = 0
+    **{
+        f"frontier-hold-b32-eps{eps:g}": {
+            "protect_benign": True,
+            "hold_refusal": True,
+            "capability_refresh_steps": 1,
+            "capability_batch_size": 32,
+            "projection": "frontier",
+            "capability_tolerance": {"refusal_on_benign": eps},
+        }
+        for eps in (0.1, 0.3)
+    },
 }
 """Our trainer's null-space variants: ``FrontierDPOConfig`` fields on top of the library defaults
 (``nullspace`` is the defaults themselves). ``protect_benign`` and ``hold_refusal`` are the arena's own switches, not

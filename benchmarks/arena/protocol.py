@@ -326,9 +326,10 @@ def ours_settings(
             raise ValueError(f"{method}: hold_refusal needs the preference dataset (its 'chosen' responses).")
         prompts = load_capability_source("benign", BENIGN_SOURCES[preset.suite], split="train")
         caps["refusal_on_benign"] = refusal_hold_dataset(prompts, preferences, n=preset.capability_rows)
+    # a variant may name its own projection and per-task tolerances (the hold relaxed by ε)
+    fields.setdefault("projection", "frontier" if frontier else "nullspace")
+    fields.setdefault("capability_tolerance", _frontier_eps(method) if frontier else None)
     fields.update(
-        projection="frontier" if frontier else "nullspace",
-        capability_tolerance=_frontier_eps(method) if frontier else None,
         degradation_tracking=False,  # the arena scores the models itself
         **({"capability_max_length": preset.max_length} if preset.suite == "real" else {}),
     )
@@ -366,6 +367,7 @@ def build_method_trainer(
     options = dict(preset.method_options.get(method, {}))
     if is_ours(method):
         from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
+        from frontier_trainer.benign import refusal_avoidance_metric
 
         fields, caps = ours_settings(method, preset, caps, suite.preference_dataset())
         config = FrontierDPOConfig(**common, **fields)
@@ -375,6 +377,8 @@ def build_method_trainer(
             train_dataset=suite.preference_dataset(),
             processing_class=tokenizer,
             capability_datasets=caps,
+            # the hold's capability is "does not refuse benign prompts" (frontier mode then bounds the rise)
+            capability_metrics={t: refusal_avoidance_metric for t in caps if t == "refusal_on_benign"},
             peft_config=suite.peft_config(),
         )
     from trl import DPOConfig
