@@ -72,6 +72,13 @@ prompts is then protected, which is how a recipe holds over-refusal down (issue 
 PREFERENCE_RESPONSE_COLUMNS = ("chosen",)
 """Columns of the preference data that ``completions_from`` may name."""
 
+
+def refusal_hold_tasks(specs: Mapping[str, Any] | None) -> list[str]:
+    """The tasks of a ``capability_datasets`` mapping that are refusal holds (a source with
+    ``completions_from``): the trainer scores them with :func:`frontier_trainer.benign.refusal_avoidance_metric`,
+    so frontier mode's ε bounds the refusal's rise on their prompts (null-space mode is the same either way)."""
+    return [task for task, spec in (specs or {}).items() if isinstance(spec, Mapping) and spec.get("completions_from")]
+
 FILE_FORMATS: dict[str, str] = {
     ".jsonl": "json",
     ".json": "json",

@@ -274,3 +274,38 @@ def test_smollm2_recipe_trains_one_step_through_the_cli(tmp_path: Path) -> None:
     steps = [h for h in history if "frontier/leak/code" in h]
     assert len(steps) == 2
     assert max(max(h["frontier/leak/code"], h["frontier/leak/addition"]) for h in steps) <= 1e-4
+
+
+def test_a_refusal_hold_source_reaches_the_trainer_with_the_avoidance_metric(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``{path, completions_from: chosen}`` is a refusal hold: the command scores it with the avoidance metric
+    (frontier mode's ε then bounds the refusal's rise); plain sources keep the default metric."""
+    from frontier_trainer.benign import refusal_avoidance_metric
+    from frontier_trainer.sources import refusal_hold_tasks
+
+    seen: dict[str, object] = {}
+
+    class StopError(Exception):
+        pass
+
+    def fake_trainer(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise StopError
+
+    monkeypatch.setattr("frontier_trainer.trainer.FrontierDPOTrainer", fake_trainer)
+    caps = {**json.loads(caps_json(assets)), "hold": {"path": "lab:benign", "completions_from": "chosen"}}
+    with pytest.raises(StopError):
+        cli.main(
+            [
+                "--config", str(LAB_RECIPES[0]), "--model_name_or_path", str(assets["model"]),
+                "--dataset_name", str(assets["prefs"]), "--capability_datasets", json.dumps(caps),
+                "--capability_eval_datasets", caps_json(assets), "--report_to", "none",
+                "--output_dir", str(tmp_path / "out"),
+            ]
+        )  # fmt: skip
+    assert seen["capability_metrics"] == {"hold": refusal_avoidance_metric}
+    assert set(seen["capability_datasets"]) == {"copy", "count", "hold"}
+    assert refusal_hold_tasks({"a": "lab:copy", "b": {"path": "x"}, "c": {"path": "y", "completions_from": "chosen"}}) == [
+        "c"
+    ]
