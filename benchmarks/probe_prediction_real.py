@@ -295,13 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output-dir", default="benchmarks/results/probes-smollm2")
     parser.add_argument("--dpo-steps", type=int, default=SETTINGS["dpo_steps"])
+    parser.add_argument("--dpo-learning-rate", type=float, default=SETTINGS["dpo_learning_rate"])
     parser.add_argument("--bootstrap", type=int, default=SETTINGS["bootstrap_samples"])
+    parser.add_argument(
+        "--geometry-from",
+        default=None,
+        help="results.json of an earlier run: reuse its base-model τ and NLL (only the DPO runs are new)",
+    )
     args = parser.parse_args(argv)
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {args.seeds}: pass distinct seeds, e.g. --seeds 0 1 2")
     if args.dpo_steps < 1:
         parser.error(f"--dpo-steps {args.dpo_steps}: pass a positive number of optimizer steps")
+    if args.dpo_learning_rate <= 0:
+        parser.error(f"--dpo-learning-rate {args.dpo_learning_rate}: pass a positive rate")
     SETTINGS["dpo_steps"], SETTINGS["bootstrap_samples"] = args.dpo_steps, args.bootstrap
+    SETTINGS["dpo_learning_rate"] = args.dpo_learning_rate
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "trl", "frontier_trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -316,16 +325,37 @@ def main(argv: list[str] | None = None) -> int:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model.eval()
-    representation = representation_geometry(model, tokenizer, suite, prefs)
-    logger.info(
-        "representation τ at layer %d: %s",
-        representation["primary"]["layer"],
-        representation["primary"]["tau"],
-    )
-    tau_grad = gradient_geometry(model, tokenizer, suite, prefs)
-    logger.info("gradient τ: %s", tau_grad)
     observed_rows = task_pairs(suite, "test", SETTINGS["eval_rows"])
-    before = completion_nll(model, tokenizer, observed_rows)
+    if args.geometry_from:  # the base model's measurements of an earlier run (the DPO settings may differ)
+        earlier = json.loads(Path(args.geometry_from).read_text())
+        keys = (
+            "probe_rows",
+            "held_out_rows",
+            "eval_rows",
+            "gradient_batches",
+            "gradient_batch_size",
+            "max_length",
+        )
+        differ = [k for k in keys if earlier["settings"][k] != SETTINGS[k]]
+        if differ:
+            parser.error(
+                f"--geometry-from {args.geometry_from}: its settings differ in {differ}; re-measure instead"
+            )
+        representation, tau_grad, before = (
+            earlier["representation"],
+            earlier["tau_grad"],
+            earlier["nll_before"],
+        )
+    else:
+        representation = representation_geometry(model, tokenizer, suite, prefs)
+        logger.info(
+            "representation τ at layer %d: %s",
+            representation["primary"]["layer"],
+            representation["primary"]["tau"],
+        )
+        tau_grad = gradient_geometry(model, tokenizer, suite, prefs)
+        logger.info("gradient τ: %s", tau_grad)
+        before = completion_nll(model, tokenizer, observed_rows)
     del model
     work = Path(tempfile.mkdtemp(prefix="probe-real-"))
     points = []
@@ -363,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} thread(s)",
         "seconds": time.perf_counter() - t0,
+        "geometry_from": args.geometry_from,
         "representation": representation,
         "tau_grad": tau_grad,
         "nll_before": before,
