@@ -25,8 +25,11 @@ Rule, fixed before any DPO run of this script (issue 13 §2):
 Pre-declared variants, reported next to the primary rule, never instead of it: harmless = look-alikes (the
 lab's primary), mean over layers, and the relative NLL rise.
 
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.probe_prediction_real --seeds 0 1 2 \\
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.probe_prediction_real --seeds 0 1 2 \\
         --output-dir benchmarks/results/probes-smollm2
+    # the same base-model measurements, DPO at another rate:
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.probe_prediction_real --seeds 0 1 2 --dpo-learning-rate 2e-4 \\
+        --geometry-from benchmarks/results/probes-smollm2/results.json --output-dir benchmarks/results/probes-smollm2/lr2e-4
 """
 
 from __future__ import annotations
@@ -311,6 +314,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dpo-learning-rate {args.dpo_learning_rate}: pass a positive rate")
     SETTINGS["dpo_steps"], SETTINGS["bootstrap_samples"] = args.dpo_steps, args.bootstrap
     SETTINGS["dpo_learning_rate"] = args.dpo_learning_rate
+    earlier = None  # the base model's measurements of an earlier run (its DPO settings may differ)
+    if args.geometry_from:
+        path = Path(args.geometry_from)
+        if not path.is_file():
+            parser.error(f"--geometry-from {path}: no such results.json; run once without it first")
+        earlier = json.loads(path.read_text())
+        keys = (
+            "probe_rows",
+            "held_out_rows",
+            "eval_rows",
+            "gradient_batches",
+            "gradient_batch_size",
+            "max_length",
+        )
+        differ = [k for k in keys if earlier["settings"].get(k) != SETTINGS[k]]
+        if differ:
+            parser.error(f"--geometry-from {path}: its settings differ in {differ}; re-measure instead")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "trl", "frontier_trainer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -326,21 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model.eval()
     observed_rows = task_pairs(suite, "test", SETTINGS["eval_rows"])
-    if args.geometry_from:  # the base model's measurements of an earlier run (the DPO settings may differ)
-        earlier = json.loads(Path(args.geometry_from).read_text())
-        keys = (
-            "probe_rows",
-            "held_out_rows",
-            "eval_rows",
-            "gradient_batches",
-            "gradient_batch_size",
-            "max_length",
-        )
-        differ = [k for k in keys if earlier["settings"][k] != SETTINGS[k]]
-        if differ:
-            parser.error(
-                f"--geometry-from {args.geometry_from}: its settings differ in {differ}; re-measure instead"
-            )
+    if earlier is not None:
         representation, tau_grad, before = (
             earlier["representation"],
             earlier["tau_grad"],
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         for obs in ("nll_increase", "relative_nll_increase")
     ]
     results = {
-        "command": "OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.probe_prediction_real "
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.probe_prediction_real "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": dict(SETTINGS),
         "tasks": list(TASKS),

@@ -76,3 +76,14 @@ def test_full_fine_tuning_preset_turns_lora_off() -> None:
     assert RealSuite(full).peft_config() is None
     lora = RealSuite(replace(full, lora_r=8)).peft_config()
     assert lora.r == 8 and lora.lora_alpha == 16
+
+
+def test_geometry_from_refuses_a_run_with_other_probe_settings(tmp_path, capsys) -> None:
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"settings": {"probe_rows": 999}}')
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--geometry-from", str(earlier)])
+    assert stop.value.code == 2 and "settings differ in ['probe_rows'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--geometry-from", str(tmp_path / "missing.json")])
+    assert "no such results.json" in capsys.readouterr().err

@@ -35,6 +35,9 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "hold_refusal": True,
         "capability_refresh_steps": 1,
     },
+    # issue 15 §1/§2: more rows behind each task's directions, against the held-out leak
+    "nullspace-every-step-b32": {"capability_refresh_steps": 1, "capability_batch_size": 32},
+    "nullspace-every-step-r4": {"capability_refresh_steps": 1, "capability_rank": 4},
     # issue 15 §3: does the hold generalise to held-out look-alikes with more rows behind each direction?
     "nullspace-hold-every-step-r4": {  # 4 directions per task, each from its own batch of 8 rows
         "protect_benign": True,
