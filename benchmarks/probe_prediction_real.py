@@ -118,22 +118,6 @@ def completion_nll(model: Any, tokenizer: Any, pairs: dict[str, list[tuple[str, 
     return out
 
 
-def _probe(v: Any, c: Any, sep: dict[int, float], baseline: str) -> probes.ProbeGeometry:
-    """The library's rule (τ at the layer of largest held-out d′) on activations computed once."""
-    layer = probes.select_layer(sep)
-    by_layer = probes.representation_tax_rates(v, c)
-    return probes.ProbeGeometry(
-        layers=sorted(v),
-        layer=layer,
-        separation=sep,
-        separation_held_out=True,
-        tau_by_layer=by_layer,
-        tau={t: by[layer] for t, by in by_layer.items()},
-        cos={t: by[layer] for t, by in probes.representation_cosines(v, c).items()},
-        baseline=baseline,
-    )
-
-
 def representation_geometry(model: Any, tokenizer: Any, suite: Any, prefs: Any) -> dict[str, Any]:
     """The primary probe rule and the look-alike variant, before training (each set's activations once)."""
     n, held = SETTINGS["probe_rows"], SETTINGS["held_out_rows"]
@@ -156,9 +140,17 @@ def representation_geometry(model: Any, tokenizer: Any, suite: Any, prefs: Any) 
     )
     baseline = "grand mean of the task means"
     v = probes.safety_direction(h, b)
-    primary = _probe(v, c, probes.safety_separation(v, held_h, held_b), baseline)
+    primary = probes.probe_geometry(
+        v, c, probes.safety_separation(v, held_h, held_b), separation_held_out=True, baseline=baseline
+    )
     v_look = probes.safety_direction(h, look)
-    variant = _probe(v_look, c, probes.safety_separation(v_look, held_h, held_look), baseline)
+    variant = probes.probe_geometry(
+        v_look,
+        c,
+        probes.safety_separation(v_look, held_h, held_look),
+        separation_held_out=True,
+        baseline=baseline,
+    )
     return {
         "primary": primary.to_dict(),
         "lookalike": variant.to_dict(),

@@ -552,20 +552,40 @@ def probe_tax_rates(
         )
     else:
         sep = safety_separation(v, h, b)
-    layer = select_layer(sep)
-    by_layer = representation_tax_rates(v, c)
-    result = ProbeGeometry(
-        layers=sorted(v),
-        layer=layer,
-        separation=sep,
+    result = probe_geometry(
+        v,
+        c,
+        sep,
         separation_held_out=held_out,
-        tau_by_layer=by_layer,
-        tau={t: by[layer] for t, by in by_layer.items()},
-        cos={t: by[layer] for t, by in representation_cosines(v, c).items()},
         baseline="neutral prompt set" if baseline is not None else "grand mean of the task means",
     )
-    logger.info("probe tax rates at layer %d (d′ %.2f): %s", layer, sep[layer], result.tau)
+    logger.info("probe tax rates at layer %d (d′ %.2f): %s", result.layer, sep[result.layer], result.tau)
     return result
+
+
+def probe_geometry(
+    safety: Directions,
+    tasks: Mapping[str, Directions],
+    separation: Mapping[int, float],
+    *,
+    separation_held_out: bool,
+    baseline: str,
+) -> ProbeGeometry:
+    """The layer-aggregation rule on directions already estimated: ℓ* = the layer of largest d′, τ_i =
+    τ_{i,ℓ*} (module docstring). :func:`probe_tax_rates` uses it; so can a caller that reuses one set of
+    activations for several probe variants."""
+    layer = select_layer(separation)
+    by_layer = representation_tax_rates(safety, tasks)
+    return ProbeGeometry(
+        layers=sorted(safety),
+        layer=layer,
+        separation=dict(separation),
+        separation_held_out=separation_held_out,
+        tau_by_layer=by_layer,
+        tau={t: by[layer] for t, by in by_layer.items()},
+        cos={t: by[layer] for t, by in representation_cosines(safety, tasks).items()},
+        baseline=baseline,
+    )
 
 
 def dataset_prompts(name: str, rows: Any, limit: int | None = None) -> list[str]:
