@@ -79,6 +79,7 @@ def refusal_hold_tasks(specs: Mapping[str, Any] | None) -> list[str]:
     so frontier mode's ε bounds the refusal's rise on their prompts (null-space mode is the same either way)."""
     return [task for task, spec in (specs or {}).items() if isinstance(spec, Mapping) and spec.get("completions_from")]
 
+
 FILE_FORMATS: dict[str, str] = {
     ".jsonl": "json",
     ".json": "json",
