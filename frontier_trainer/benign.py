@@ -16,14 +16,16 @@ protected direction.
 
 Frontier mode bounds a capability's *loss* only (⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖, Thm 4.1): with the default metric
 (the refusal's log-likelihood) it would stop the refusal on benign prompts from *falling* and let it rise
-freely, which is no hold at all. :func:`refusal_avoidance_metric` turns the quantity round: its value is
-−log p(y_refuse | x_benign), so its loss is the refusal's rise, and ε_i bounds that rise per step,
+freely, which is no hold at all. :func:`frontier_trainer.directions.refusal_avoidance_metric` turns the
+quantity round: its value is −log p(y_refuse | x_benign), so its loss is the refusal's rise, and ε_i
+bounds that rise per step,
 ⟨∇ log p(y_refuse | x_benign), δ⟩ ≤ ε_i‖u‖: the refusal-versus-over-refusal trade of §6 at a chosen
 point. Null-space mode is the same with either metric (a projection does not see a direction's sign).
 
 Typical use::
 
-    from frontier_trainer.benign import refusal_avoidance_metric, refusal_hold_dataset
+    from frontier_trainer.benign import refusal_hold_dataset
+    from frontier_trainer.directions import refusal_avoidance_metric
     hold = refusal_hold_dataset(benign_prompts, preference_dataset["chosen"], n=256)
     trainer = FrontierDPOTrainer(
         ...,
@@ -41,10 +43,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
-import torch
-from torch import nn
-
-from frontier_trainer.directions import completion_metric
 
 
 def _is_conversation(value: Any) -> bool:
@@ -150,15 +148,4 @@ def refusal_hold_dataset(
     return datasets.Dataset.from_dict({"messages": messages})
 
 
-def refusal_avoidance_metric(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """−(mean log-likelihood of the refusal) on refusal-hold rows: the capability "does not refuse here".
-
-    The ``capability_metrics`` entry for a :func:`refusal_hold_dataset` task (module docstring): its
-    direction is −∇ log p(y_refuse | x_benign), so frontier mode's ε bounds the refusal's per-step rise on
-    benign prompts, and ``frontier/capability_loss/<task>`` is the refusal's mean log-likelihood (a rise
-    is a loss).
-    """
-    return -completion_metric(model, batch)
-
-
-__all__ = ["refusal_avoidance_metric", "refusal_hold_dataset"]
+__all__ = ["refusal_hold_dataset"]

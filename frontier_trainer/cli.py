@@ -70,8 +70,8 @@ import torch
 import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-from frontier_trainer.benign import refusal_avoidance_metric
 from frontier_trainer.config import FrontierDPOConfig
+from frontier_trainer.directions import refusal_avoidance_metric
 from frontier_trainer.plan import FrontierPlan
 from frontier_trainer.sources import (
     LAB,

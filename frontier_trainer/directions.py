@@ -613,6 +613,18 @@ def completion_metric(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> to
     return -nll / count
 
 
+def refusal_avoidance_metric(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """−(mean log-likelihood of the refusal) on refusal-hold rows: the capability "does not refuse here".
+
+    The ``capability_metrics`` entry for a :func:`frontier_trainer.benign.refusal_hold_dataset` task (that
+    module's docstring says why). Its direction is −∇ log p(y_refuse | x_benign), so frontier mode's ε
+    (⟨ĉ_i, δ⟩ ≥ −ε_i‖u‖, which bounds a capability's loss only) bounds the refusal's per-step *rise* on
+    benign prompts; null-space mode is unchanged (a projection does not see a direction's sign).
+    ``frontier/capability_loss/<task>`` is then the refusal's mean log-likelihood (a rise is a loss).
+    """
+    return -completion_metric(model, batch)
+
+
 def _is_active_checkpointing_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a transformers layer that checkpoints its forward in train mode."""
     return isinstance(module, GradientCheckpointingLayer) and bool(module.gradient_checkpointing)

@@ -75,7 +75,7 @@ PREFERENCE_RESPONSE_COLUMNS = ("chosen",)
 
 def refusal_hold_tasks(specs: Mapping[str, Any] | None) -> list[str]:
     """The tasks of a ``capability_datasets`` mapping that are refusal holds (a source with
-    ``completions_from``): the trainer scores them with :func:`frontier_trainer.benign.refusal_avoidance_metric`,
+    ``completions_from``): the trainer scores them with :func:`frontier_trainer.directions.refusal_avoidance_metric`,
     so frontier mode's ε bounds the refusal's rise on their prompts (null-space mode is the same either way)."""
     return [task for task, spec in (specs or {}).items() if isinstance(spec, Mapping) and spec.get("completions_from")]
 

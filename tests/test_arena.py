@@ -544,7 +544,7 @@ def test_every_variant_of_ours_is_a_valid_config_with_its_fields(method: str, tm
 def test_hold_variants_reach_the_trainer_with_the_avoidance_metric(tmp_path: Path) -> None:
     """The arena hands the hold task its avoidance metric (frontier mode then bounds the refusal's rise, not its
     fall) and a frontier-hold variant its own projection and per-task ε; other methods get no metric."""
-    from frontier_trainer.benign import refusal_avoidance_metric
+    from frontier_trainer.directions import refusal_avoidance_metric
 
     preset = replace(presets.get_preset("lab-quick"), capability_rows=8)
     suite = _TinySuite(tmp_path)

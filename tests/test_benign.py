@@ -109,8 +109,7 @@ def test_frontier_bounds_the_refusals_rise_only_with_the_avoidance_metric(tmp_pa
     from transformers import LlamaForCausalLM
 
     from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
-    from frontier_trainer.benign import refusal_avoidance_metric
-    from frontier_trainer.directions import completion_metric
+    from frontier_trainer.directions import completion_metric, refusal_avoidance_metric
     from tests.tiny import build_model_dir, build_tokenizer, preference_dataset
 
     model_dir = build_model_dir(tmp_path / "model")

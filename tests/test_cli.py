@@ -281,7 +281,7 @@ def test_a_refusal_hold_source_reaches_the_trainer_with_the_avoidance_metric(
 ) -> None:
     """``{path, completions_from: chosen}`` is a refusal hold: the command scores it with the avoidance metric
     (frontier mode's ε then bounds the refusal's rise); plain sources keep the default metric."""
-    from frontier_trainer.benign import refusal_avoidance_metric
+    from frontier_trainer.directions import refusal_avoidance_metric
     from frontier_trainer.sources import refusal_hold_tasks
 
     seen: dict[str, object] = {}

@@ -52,7 +52,7 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "capability_batch_size": 32,
     },
     # ...and the hold relaxed in frontier mode: the refusal on benign prompts may rise by ε per step
-    # (frontier_trainer.benign.refusal_avoidance_metric), every other task held at ε = 0
+    # (frontier_trainer.directions.refusal_avoidance_metric), every other task held at ε = 0
     **{
         f"frontier-hold-b32-eps{eps:g}": {
             "protect_benign": True,

@@ -367,7 +367,7 @@ def build_method_trainer(
     options = dict(preset.method_options.get(method, {}))
     if is_ours(method):
         from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
-        from frontier_trainer.benign import refusal_avoidance_metric
+        from frontier_trainer.directions import refusal_avoidance_metric
 
         fields, caps = ours_settings(method, preset, caps, suite.preference_dataset())
         config = FrontierDPOConfig(**common, **fields)
