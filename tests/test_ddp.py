@@ -12,30 +12,23 @@ import pytest
 from tiny import build_model_dir, check_multiprocess_exit
 
 
-@pytest.mark.parametrize("projection", ["nullspace", "frontier"])
-def test_ddp_ranks_stay_byte_identical(tmp_path: Path, projection: str) -> None:
+def run_ranks(tmp_path: Path, port_base: int, *worker_args: str) -> list[list[dict]]:
+    """Run ``ddp_worker.py`` on two torchrun ranks over a fresh tiny model; each rank's per-step records."""
     model_dir = build_model_dir(tmp_path / "model")
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
-            str(Path(__file__).with_name("ddp_worker.py")),
-            str(model_dir),
-            str(tmp_path),
-            projection,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port_base + os.getpid() % 1000),
+         str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), *worker_args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("projection", ["nullspace", "frontier"])
+def test_ddp_ranks_stay_byte_identical(tmp_path: Path, projection: str) -> None:
+    ranks = run_ranks(tmp_path, 29500, projection)
     assert len(ranks[0]) == len(ranks[1]) == 4
     for a, b in zip(*ranks, strict=True):
         assert a["step"] == b["step"]
@@ -48,16 +41,7 @@ def test_ddp_ranks_stay_byte_identical(tmp_path: Path, projection: str) -> None:
 def test_ddp_grpo_ranks_stay_byte_identical(tmp_path: Path) -> None:
     """FrontierGRPOTrainer under DDP: each rank generates its own rollouts, yet the all-reduced
     update and the seeded directions keep the replicas byte-identical, and the step exact."""
-    model_dir = build_model_dir(tmp_path / "model")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(28500 + os.getpid() % 1000),
-         str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "grpo"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_ranks(tmp_path, 28500, "nullspace", "grpo")
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]
     assert len({r["sha256"] for r in ranks[0]}) == 4
@@ -67,16 +51,7 @@ def test_ddp_grpo_ranks_stay_byte_identical(tmp_path: Path) -> None:
 def test_ddp_round_robin_refresh_follows_one_schedule_on_every_rank(tmp_path: Path) -> None:
     """capability_refresh_tasks=1 under DDP: the task re-estimated at each refresh comes from the step
     alone, so both ranks draw the same task's rows in the same order and stay byte-identical."""
-    model_dir = build_model_dir(tmp_path / "model")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(26500 + os.getpid() % 1000),
-         str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "roundrobin"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_ranks(tmp_path, 26500, "nullspace", "roundrobin")
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]
     assert [a["directions_sha256"] for a in ranks[0]] == [b["directions_sha256"] for b in ranks[1]]
@@ -92,16 +67,7 @@ def test_ddp_sketch_ranks_draw_their_own_rows_and_stay_identical(tmp_path: Path)
     (N ranks estimate from N x the data), the micro-batch gradients are all-reduced and rank 0's
     directions broadcast, so the installed directions and the replicas are byte-identical even though
     rank 1's sketch result is perturbed (a stand-in for nondeterministic kernels)."""
-    model_dir = build_model_dir(tmp_path / "model")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(27500 + os.getpid() % 1000),
-         str(Path(__file__).with_name("ddp_worker.py")), str(model_dir), str(tmp_path), "nullspace", "sketch"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    check_multiprocess_exit(proc, [tmp_path / f"rank{r}.json" for r in (0, 1)])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_ranks(tmp_path, 27500, "nullspace", "sketch")
     assert len(ranks[0]) == len(ranks[1]) == 4
     assert [a["sha256"] for a in ranks[0]] == [b["sha256"] for b in ranks[1]]
     assert [a["directions_sha256"] for a in ranks[0]] == [b["directions_sha256"] for b in ranks[1]]
@@ -121,7 +87,7 @@ def test_ddp_sketch_ranks_draw_their_own_rows_and_stay_identical(tmp_path: Path)
     from frontier_trainer.directions import build_capability_sampler, capability_gradients
     from frontier_trainer.subspace import GradientSketch
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # run_ranks' model
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = build_capability_sampler(capability_datasets(), build_tokenizer(), max_length=512, batch_size=2)
     recorded = json.loads((tmp_path / "rank0_directions.json").read_text())

@@ -197,20 +197,27 @@ def helpfulness_dataset() -> Dataset:
     )
 
 
-def test_safety_direction_is_parallel_to_trl_dpo_gradient_at_init(model_dir: Path, tmp_path: Path) -> None:
-    """The documented equivalence: ∇(mean margin) ∝ −∇L_DPO when policy = reference."""
-    prefs = preference_dataset(8)
-    trainer = DPOTrainer(
-        model=str(model_dir), args=dpo_args(tmp_path), train_dataset=prefs, processing_class=build_tokenizer()
-    )
+def trl_and_ours_dpo_directions(
+    model_dir: Path, tmp_path: Path, prefs: Dataset, tok: Any
+) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor]]:
+    """−∇L_DPO of trl.DPOTrainer's own loss on 8 rows, and ours (``safety_direction``) on the same rows, flat;
+    with the trainer and the parameters they were taken at."""
+    trainer = DPOTrainer(model=str(model_dir), args=dpo_args(tmp_path), train_dataset=prefs, processing_class=tok)
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = [p for p in model.parameters() if p.requires_grad]
     ds = trainer._remove_unused_columns(trainer.train_dataset, description="test")
     batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(8)]))
     model.eval()
     dpo = torch.cat([-g.reshape(-1) for g in torch.autograd.grad(trainer.compute_loss(model, batch), params)])
-    _, ours = safety_direction(model, params, build_tokenizer(), prefs, batches=1, batch_size=8)
-    ours_flat = torch.cat([g.reshape(-1) for g in ours])
+    _, ours = safety_direction(model, params, tok, prefs, batches=1, batch_size=8)
+    return dpo, torch.cat([g.reshape(-1) for g in ours]), trainer, params
+
+
+def test_safety_direction_is_parallel_to_trl_dpo_gradient_at_init(model_dir: Path, tmp_path: Path) -> None:
+    """The documented equivalence: ∇(mean margin) ∝ −∇L_DPO when policy = reference."""
+    dpo, ours_flat, trainer, _ = trl_and_ours_dpo_directions(
+        model_dir, tmp_path, preference_dataset(8), build_tokenizer()
+    )
     cos = float(dpo @ ours_flat / (dpo.norm() * ours_flat.norm()))
     assert cos > 0.9999
     beta = trainer.args.beta
@@ -236,15 +243,8 @@ def test_safety_direction_renders_conversational_preferences_as_trl_does(model_d
             for r in rows
         ]
     )
-    trainer = DPOTrainer(model=str(model_dir), args=dpo_args(tmp_path), train_dataset=prefs, processing_class=tok)
+    dpo, ours_flat, trainer, params = trl_and_ours_dpo_directions(model_dir, tmp_path, prefs, tok)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ds = trainer._remove_unused_columns(trainer.train_dataset, description="test")
-    batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in range(8)]))
-    model.eval()
-    dpo = torch.cat([-g.reshape(-1) for g in torch.autograd.grad(trainer.compute_loss(model, batch), params)])
-    _, ours = safety_direction(model, params, tok, prefs, batches=1, batch_size=8)
-    ours_flat = torch.cat([g.reshape(-1) for g in ours])
     assert float(dpo @ ours_flat / (dpo.norm() * ours_flat.norm())) > 0.9999
     mixed = Dataset.from_list([{**rows[0], "chosen": [{"role": "assistant", "content": "sorry"}]}])
     with pytest.raises(ValueError, match=r"preferences: prompt, chosen and rejected must be all strings or all lists"):
