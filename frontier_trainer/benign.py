@@ -22,16 +22,18 @@ bounds that rise per step,
 ⟨∇ log p(y_refuse | x_benign), δ⟩ ≤ ε_i‖u‖: the refusal-versus-over-refusal trade of §6 at a chosen
 point. Null-space mode is the same with either metric (a projection does not see a direction's sign).
 
+The rows :func:`refusal_hold_dataset` returns carry a tag (:data:`REFUSAL_HOLD_TAG`, in the dataset's
+``info.description``; ``select``, ``shuffle``, ``map``, ``filter`` and ``save_to_disk`` keep it, a round
+trip through Python lists drops it), and the trainer scores a tagged task with the avoidance metric unless
+``capability_metrics`` names another: a user who passes the rows and nothing else gets the hold that
+frontier mode's ε documents, not a silent one-sided bound.
+
 Typical use::
 
     from frontier_trainer.benign import refusal_hold_dataset
-    from frontier_trainer.directions import refusal_avoidance_metric
     hold = refusal_hold_dataset(benign_prompts, preference_dataset["chosen"], n=256)
-    trainer = FrontierDPOTrainer(
-        ...,
-        capability_datasets={**tasks, "refusal_on_benign": hold},
-        capability_metrics={"refusal_on_benign": refusal_avoidance_metric},
-    )
+    trainer = FrontierDPOTrainer(..., capability_datasets={**tasks, "refusal_on_benign": hold})
+    # trainer.capability_metrics["refusal_on_benign"] is refusal_avoidance_metric (logged at construction)
     # frontier mode, other tasks held exactly, the refusal on benign prompts allowed to rise by ε = 0.1:
     # FrontierDPOConfig(projection="frontier", capability_tolerance={"refusal_on_benign": 0.1}, ...)
 """
@@ -43,6 +45,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
+
+REFUSAL_HOLD_TAG = "frontier_trainer.benign.refusal_hold_dataset"
+"""How :func:`refusal_hold_dataset` marks its rows (the start of ``Dataset.info.description``), so that the
+trainer scores them with :func:`frontier_trainer.directions.refusal_avoidance_metric` by default."""
+
+
+def is_refusal_hold(dataset: Any) -> bool:
+    """Whether ``dataset`` is a ``Dataset`` built by :func:`refusal_hold_dataset` (it carries the tag)."""
+    return isinstance(dataset, datasets.Dataset) and (dataset.info.description or "").startswith(REFUSAL_HOLD_TAG)
 
 
 def _is_conversation(value: Any) -> bool:
@@ -105,7 +116,7 @@ def refusal_hold_dataset(
     Returns:
         ``prompt``/``completion`` string rows when prompts and responses are plain text; a ``messages``
         column (user turn(s), then the assistant's response; scored with the chat template, the format
-        DPO trains with) when either is conversational.
+        DPO trains with) when either is conversational. Tagged with :data:`REFUSAL_HOLD_TAG`.
 
     Raises:
         ValueError: naming ``prompts`` or ``responses`` for an empty input, an empty row, a missing
@@ -132,7 +143,7 @@ def refusal_hold_dataset(
             for index, value in enumerate(rows):
                 _as_messages(field, index, value, "user")  # the same checks as the conversational path
         return datasets.Dataset.from_dict(
-            {"prompt": [p for p, _ in pairs], "completion": [r for _, r in pairs]}
+            {"prompt": [p for p, _ in pairs], "completion": [r for _, r in pairs]}, info=_tagged_info()
         )
     messages = []
     for index, (p, r) in enumerate(pairs):
@@ -145,7 +156,14 @@ def refusal_hold_dataset(
                 f"responses[{index}] must be one assistant turn, got roles {[m['role'] for m in answer]}."
             )
         messages.append(user + answer)
-    return datasets.Dataset.from_dict({"messages": messages})
+    return datasets.Dataset.from_dict({"messages": messages}, info=_tagged_info())
 
 
-__all__ = ["refusal_hold_dataset"]
+def _tagged_info() -> datasets.DatasetInfo:
+    return datasets.DatasetInfo(
+        description=f"{REFUSAL_HOLD_TAG}: benign prompts paired with preferred (refusing) responses; the trainer "
+        "scores them with refusal_avoidance_metric unless capability_metrics names another metric."
+    )
+
+
+__all__ = ["REFUSAL_HOLD_TAG", "is_refusal_hold", "refusal_hold_dataset"]

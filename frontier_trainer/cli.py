@@ -71,7 +71,6 @@ import yaml
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from frontier_trainer.config import FrontierDPOConfig
-from frontier_trainer.directions import refusal_avoidance_metric
 from frontier_trainer.plan import FrontierPlan
 from frontier_trainer.sources import (
     LAB,
@@ -81,7 +80,6 @@ from frontier_trainer.sources import (
     Resolved,
     convert_pku_saferlhf,
     loaded,
-    refusal_hold_tasks,
     resolve_capabilities,
     resolve_preferences,
 )
@@ -391,9 +389,6 @@ def train(
         peft_config=get_peft_config(model_args),
         capability_datasets=caps or None,
         capability_eval_datasets=evals or None,
-        # a refusal hold's capability is "does not refuse here": frontier mode's ε then bounds the rise
-        capability_metrics={t: refusal_avoidance_metric for t in refusal_hold_tasks(training_args.capability_datasets)}
-        or None,
     )
     if script_args.ignore_bias_buffers:
         trainer.model._ddp_params_and_buffers_to_ignore = [

@@ -59,6 +59,7 @@ from frontier_trainer.directions import (
     capability_gradients,
     complete_prompt_only_sources,
     completion_metric,
+    refusal_avoidance_metric,
 )
 from frontier_trainer.distributed import (
     HOW_TO_FSDP2,
@@ -69,6 +70,7 @@ from frontier_trainer.distributed import (
 )
 from frontier_trainer.plan import check_arguments, check_model
 from frontier_trainer.projection import StepReport, UpdateProjector
+from frontier_trainer.sources import refusal_hold_tasks
 from frontier_trainer.subspace import sketch_task_directions
 from frontier_trainer.tracking import (
     DegradationCallback,
@@ -78,6 +80,22 @@ from frontier_trainer.tracking import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def default_capability_metrics(
+    sources: Mapping[str, Any], metrics: Mapping[str, MetricFn] | None
+) -> dict[str, MetricFn]:
+    """The metrics the trainer differentiates: ``metrics`` as given, plus
+    :func:`~frontier_trainer.directions.refusal_avoidance_metric` for every refusal-hold task it does not name
+    (:func:`frontier_trainer.sources.refusal_hold_tasks`). Why: frontier mode bounds a capability's *loss*, so
+    with the default metric a hold would bound only a fall of the refusal on benign prompts, a hold in name
+    only (``frontier_trainer.benign``). Tasks left out use ``completion_metric``."""
+    resolved = dict(metrics or {})
+    for task in refusal_hold_tasks(sources):
+        if task not in resolved:
+            resolved[task] = refusal_avoidance_metric
+            logger.info("capability task %r is a refusal hold: scored with refusal_avoidance_metric.", task)
+    return resolved
 
 STATE_FILE = "frontier_state.pt"
 
@@ -146,7 +164,9 @@ class FrontierMixin:
         capability_datasets: ``{task: Dataset or source}``; overrides ``args.capability_datasets``.
             Rows are ``prompt``/``completion`` (the prompt's tokens are masked) or ``text``.
         capability_metrics: optional ``{task: metric(model, batch) -> scalar}``, a differentiable
-            metric to use instead of the default mean completion log-likelihood for that task.
+            metric to use instead of the default for that task: the mean completion log-likelihood, or for
+            refusal-hold rows (:func:`frontier_trainer.benign.refusal_hold_dataset`) its negative,
+            :func:`~frontier_trainer.directions.refusal_avoidance_metric` (:func:`default_capability_metrics`).
         capability_eval_datasets: held-out ``{task: Dataset or source}`` for the degradation
             tracker's observed change; overrides ``args.capability_eval_datasets``.
         degradation_metrics: ``{name: fn(model, tokenizer) -> float}`` user metrics whose change the
@@ -187,7 +207,7 @@ class FrontierMixin:
         self._activation_step: int | None = None
         self._activation_names: list[str] | None = None
         self.capability_sampler: CapabilitySampler | None = None
-        self.capability_metrics: dict[str, MetricFn] = dict(capability_metrics or {})
+        self.capability_metrics: dict[str, MetricFn] = default_capability_metrics(sources, capability_metrics)
         self.degradation_callback: DegradationCallback | None = None
         self._frontier_metrics: defaultdict[str, list[float]] = defaultdict(list)
         self._hooked_optimizer: torch.optim.Optimizer | None = None

@@ -44,6 +44,7 @@ from typing import Any
 
 import datasets
 
+from frontier_trainer.benign import is_refusal_hold
 from frontier_trainer.real.sources import REAL_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,15 @@ PREFERENCE_RESPONSE_COLUMNS = ("chosen",)
 
 
 def refusal_hold_tasks(specs: Mapping[str, Any] | None) -> list[str]:
-    """The tasks of a ``capability_datasets`` mapping that are refusal holds (a source with
-    ``completions_from``): the trainer scores them with :func:`frontier_trainer.directions.refusal_avoidance_metric`,
+    """The tasks of a ``capability_datasets`` mapping that are refusal holds: a source with ``completions_from``,
+    or rows built by :func:`frontier_trainer.benign.refusal_hold_dataset` (which the source resolves to). The
+    trainer scores them with :func:`frontier_trainer.directions.refusal_avoidance_metric` unless told otherwise,
     so frontier mode's ε bounds the refusal's rise on their prompts (null-space mode is the same either way)."""
-    return [task for task, spec in (specs or {}).items() if isinstance(spec, Mapping) and spec.get("completions_from")]
+    return [
+        task
+        for task, spec in (specs or {}).items()
+        if (isinstance(spec, Mapping) and spec.get("completions_from")) or is_refusal_hold(spec)
+    ]
 
 
 FILE_FORMATS: dict[str, str] = {

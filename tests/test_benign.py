@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from frontier_trainer.benign import refusal_hold_dataset
+from frontier_trainer.benign import is_refusal_hold, refusal_hold_dataset
 
 
 def test_plain_rows_pair_every_prompt_with_a_preferred_response() -> None:
@@ -104,8 +104,9 @@ def test_a_projected_step_holds_the_refusal_likelihood_on_benign_prompts(tmp_pat
 def test_frontier_bounds_the_refusals_rise_only_with_the_avoidance_metric(tmp_path, one_torch_thread) -> None:
     """Frontier mode bounds a capability's *loss*. With ``refusal_avoidance_metric`` the hold task's loss is the
     refusal's rise on benign prompts, so ε = 0 holds it (as null-space does) and a larger ε lets it rise more;
-    with the default metric the same ε = 0 bounds only a fall, and the step is vanilla's (the refusal rises as
-    under vanilla DPO). Fails if the arena or a user's metric is dropped, or its sign is lost."""
+    with the likelihood metric the same ε = 0 bounds only a fall, and the step is vanilla's (the refusal rises as
+    under vanilla DPO). Hold rows given with no metric get the avoidance metric. Fails if the metric is dropped,
+    its sign is lost, or the trainer ignores the rows' tag."""
     from transformers import LlamaForCausalLM
 
     from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
@@ -126,9 +127,11 @@ def test_frontier_bounds_the_refusals_rise_only_with_the_avoidance_metric(tmp_pa
         before = float(completion_metric(base, batch))
         assert float(refusal_avoidance_metric(base, batch)) == pytest.approx(-before, abs=1e-7)
     rise = {}
-    runs = {"vanilla": ("none", 0.0, False), "default metric": ("frontier", 0.0, False)}
-    runs |= {f"avoidance eps {e}": ("frontier", e, True) for e in (0.0, 0.05, 0.5)}
-    for name, (projection, eps, avoid) in runs.items():
+    # metric: None = none given (the trainer picks the avoidance metric for the tagged hold rows)
+    runs = {"vanilla": ("none", 0.0, None), "likelihood metric": ("frontier", 0.0, completion_metric)}
+    runs |= {f"avoidance eps {e}": ("frontier", e, refusal_avoidance_metric) for e in (0.0, 0.05, 0.5)}
+    runs["no metric given"] = ("frontier", 0.0, None)
+    for name, (projection, eps, metric) in runs.items():
         args = FrontierDPOConfig(
             output_dir=str(tmp_path / name.replace(" ", "-")), max_steps=4, per_device_train_batch_size=8,
             learning_rate=3e-3, report_to="none", use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True,
@@ -138,14 +141,39 @@ def test_frontier_bounds_the_refusals_rise_only_with_the_avoidance_metric(tmp_pa
         trainer = FrontierDPOTrainer(
             model=LlamaForCausalLM.from_pretrained(model_dir), args=args, train_dataset=prefs, processing_class=tok,
             capability_datasets={"refusal_on_benign": hold} if projection != "none" else None,
-            capability_metrics={"refusal_on_benign": refusal_avoidance_metric} if avoid else None,
+            capability_metrics={"refusal_on_benign": metric} if metric is not None else None,
         )  # fmt: skip
         trainer.train()
         with torch.no_grad():
             rise[name] = float(completion_metric(trainer.model, batch)) - before
     assert rise["vanilla"] > 0.01, rise  # DPO raises the refusal on benign prompts
-    assert rise["default metric"] == pytest.approx(rise["vanilla"], rel=0.05), rise  # a one-sided bound on a fall
+    assert rise["likelihood metric"] == pytest.approx(rise["vanilla"], rel=0.05), rise  # a one-sided bound on a fall
     assert abs(rise["avoidance eps 0.0"]) < 0.35 * rise["vanilla"], rise
+    assert rise["no metric given"] == pytest.approx(rise["avoidance eps 0.0"], abs=1e-6), rise  # the default
     # ε trades: a small one lets part of the rise through, a large one (inactive here) all of it
     v = rise["vanilla"]
     assert rise["avoidance eps 0.0"] + 0.1 * v < rise["avoidance eps 0.05"] < rise["avoidance eps 0.5"] - 0.1 * v, rise
+
+
+def test_hold_rows_are_tagged_and_the_trainer_scores_them_with_the_avoidance_metric_unless_told_otherwise() -> None:
+    """The tag survives the transformations a user applies before training; plain rows are not tagged; a metric
+    the user names wins over the default."""
+    from frontier_trainer.directions import completion_metric, refusal_avoidance_metric
+    from frontier_trainer.mixin import default_capability_metrics
+
+    hold = refusal_hold_dataset([f"benign {i} =>" for i in range(6)], [" sorry", " no"], n=6)
+    plain = Dataset.from_dict({"prompt": ["a =>"], "completion": [" b"]})
+    assert is_refusal_hold(hold) and not is_refusal_hold(plain) and not is_refusal_hold("lab:benign")
+    kept = hold.shuffle(seed=1).select(range(4)).filter(lambda r: True).map(lambda r: r)
+    assert is_refusal_hold(kept)
+    conversational = refusal_hold_dataset(["Name a river."], [[{"role": "assistant", "content": "I can't."}]])
+    assert is_refusal_hold(conversational)
+    sources = {"hold": kept, "plain": plain, "spec": {"path": "lab:benign", "completions_from": "chosen"}}
+    assert default_capability_metrics(sources, None) == {
+        "hold": refusal_avoidance_metric,
+        "spec": refusal_avoidance_metric,
+    }
+    assert default_capability_metrics(sources, {"hold": completion_metric}) == {
+        "hold": completion_metric,
+        "spec": refusal_avoidance_metric,
+    }

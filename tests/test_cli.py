@@ -279,9 +279,11 @@ def test_smollm2_recipe_trains_one_step_through_the_cli(tmp_path: Path) -> None:
 def test_a_refusal_hold_source_reaches_the_trainer_with_the_avoidance_metric(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``{path, completions_from: chosen}`` is a refusal hold: the command scores it with the avoidance metric
-    (frontier mode's ε then bounds the refusal's rise); plain sources keep the default metric."""
+    """``{path, completions_from: chosen}`` is a refusal hold: the command hands the trainer tagged hold rows, which
+    the trainer scores with the avoidance metric (frontier mode's ε then bounds the refusal's rise); plain sources
+    keep the default metric."""
     from frontier_trainer.directions import refusal_avoidance_metric
+    from frontier_trainer.mixin import default_capability_metrics
     from frontier_trainer.sources import refusal_hold_tasks
 
     seen: dict[str, object] = {}
@@ -304,8 +306,9 @@ def test_a_refusal_hold_source_reaches_the_trainer_with_the_avoidance_metric(
                 "--output_dir", str(tmp_path / "out"),
             ]
         )  # fmt: skip
-    assert seen["capability_metrics"] == {"hold": refusal_avoidance_metric}
     assert set(seen["capability_datasets"]) == {"copy", "count", "hold"}
+    resolved = default_capability_metrics(seen["capability_datasets"], seen.get("capability_metrics"))
+    assert resolved == {"hold": refusal_avoidance_metric}
     assert refusal_hold_tasks({"a": "lab:copy", "b": {"path": "x"}, "c": {"path": "y", "completions_from": "chosen"}}) == [
         "c"
     ]

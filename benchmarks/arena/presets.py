@@ -38,12 +38,21 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     # issue 15 §1/§2: more rows behind each task's directions, against the held-out leak
     "nullspace-every-step-b32": {"capability_refresh_steps": 1, "capability_batch_size": 32},
     "nullspace-every-step-r4": {"capability_refresh_steps": 1, "capability_rank": 4},
+    # ...and more directions still: is the held-out leak's 10x target a matter of rank?
+    "nullspace-every-step-r8": {"capability_refresh_steps": 1, "capability_rank": 8},
+    "nullspace-every-step-r16": {"capability_refresh_steps": 1, "capability_rank": 16},
     # issue 15 §3: does the hold generalise to held-out look-alikes with more rows behind each direction?
     "nullspace-hold-every-step-r4": {  # 4 directions per task, each from its own batch of 8 rows
         "protect_benign": True,
         "hold_refusal": True,
         "capability_refresh_steps": 1,
         "capability_rank": 4,
+    },
+    "nullspace-hold-every-step-r8": {
+        "protect_benign": True,
+        "hold_refusal": True,
+        "capability_refresh_steps": 1,
+        "capability_rank": 8,
     },
     "nullspace-hold-every-step-b32": {  # one direction per task from 32 rows
         "protect_benign": True,

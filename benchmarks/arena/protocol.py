@@ -367,7 +367,6 @@ def build_method_trainer(
     options = dict(preset.method_options.get(method, {}))
     if is_ours(method):
         from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
-        from frontier_trainer.directions import refusal_avoidance_metric
 
         fields, caps = ours_settings(method, preset, caps, suite.preference_dataset())
         config = FrontierDPOConfig(**common, **fields)
@@ -377,8 +376,6 @@ def build_method_trainer(
             train_dataset=suite.preference_dataset(),
             processing_class=tokenizer,
             capability_datasets=caps,
-            # the hold's capability is "does not refuse benign prompts" (frontier mode then bounds the rise)
-            capability_metrics={t: refusal_avoidance_metric for t in caps if t == "refusal_on_benign"},
             peft_config=suite.peft_config(),
         )
     from trl import DPOConfig
