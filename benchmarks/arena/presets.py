@@ -22,7 +22,11 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "activation": {"capability_space": "activation"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
     # round-robin (issue 15 §4): one task re-estimated per refresh from 4 rows
-    "nullspace-rr": {"capability_refresh_steps": 5, "capability_batch_size": 4, "capability_refresh_tasks": 1},
+    "nullspace-rr": {
+        "capability_refresh_steps": 5,
+        "capability_batch_size": 4,
+        "capability_refresh_tasks": 1,
+    },
     "nullspace-rr-every-step": {
         "capability_refresh_steps": 1,
         "capability_batch_size": 4,
@@ -41,6 +45,13 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     # ...and more directions still: is the held-out leak's 10x target a matter of rank?
     "nullspace-every-step-r8": {"capability_refresh_steps": 1, "capability_rank": 8},
     "nullspace-every-step-r16": {"capability_refresh_steps": 1, "capability_rank": 16},
+    # one direction per row (benchmarks/leak_ceiling.py: at equal rows, per-row directions cover more of a
+    # held-out gradient than means of 8)
+    "nullspace-every-step-r32-b1": {
+        "capability_refresh_steps": 1,
+        "capability_rank": 32,
+        "capability_batch_size": 1,
+    },
     # issue 15 §3: does the hold generalise to held-out look-alikes with more rows behind each direction?
     "nullspace-hold-every-step-r4": {  # 4 directions per task, each from its own batch of 8 rows
         "protect_benign": True,
@@ -53,6 +64,13 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "hold_refusal": True,
         "capability_refresh_steps": 1,
         "capability_rank": 8,
+    },
+    "nullspace-hold-every-step-r32-b1": {
+        "protect_benign": True,
+        "hold_refusal": True,
+        "capability_refresh_steps": 1,
+        "capability_rank": 32,
+        "capability_batch_size": 1,
     },
     "nullspace-hold-every-step-b32": {  # one direction per task from 32 rows
         "protect_benign": True,
@@ -189,7 +207,9 @@ class Preset:
         if any(m in MERGE_METHODS for m in self.methods) and "vanilla" not in self.methods:
             raise ValueError(f"{self.name}: merge methods need 'vanilla' in methods (they merge its model).")
         if self.leak_rows < 0:
-            raise ValueError(f"{self.name}: leak_rows={self.leak_rows}; use 0 (off) or a positive number of rows.")
+            raise ValueError(
+                f"{self.name}: leak_rows={self.leak_rows}; use 0 (off) or a positive number of rows."
+            )
         for key in ("steps", "batch_size", "eval_limit", "capability_rows"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{self.name}: {key}={getattr(self, key)} must be a positive integer.")
