@@ -221,8 +221,8 @@ def measure_model(
         flatten(
             safety_direction(
                 model, params, tokenizer, suite.preference_dataset(), batches=1,
-                batch_size=preset.batch_size, max_length=preset.max_length if preset.suite == "real" else None,
-                seed=j,
+                batch_size=preset.batch_size, seed=j,
+                max_length=512 if preset.suite == "real" else None,  # untruncated pairs (TRL truncates to the preset's)
             )[1]
         )
         for j in range(dpo_batches)
