@@ -100,6 +100,10 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     # 66 directions rows are that short (median 171 tokens); these keep rows up to 256 / 512 tokens
     "batch-r10-b4-len256": dict(capability_refresh_steps=10, capability_batch_size=4, capability_max_length=256),
     "batch-r10-b4-len512": dict(capability_refresh_steps=10, capability_batch_size=4, capability_max_length=512),
+    # activation mode (issue 13 §1) under the same held-out probe: does an input subspace hold code, which no
+    # gradient span of feasible rank covers (benchmarks/leak_ceiling.py)?
+    "activation-r8": dict(capability_space="activation", activation_rank=8),
+    "activation-r4": dict(capability_space="activation", activation_rank=4),
     "stream-r2-b1": dict(
         capability_refresh_steps=2, capability_batch_size=1, capability_refresh_tasks=1, capability_ema=0.8
     ),

@@ -82,8 +82,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=PROBE_ROWS,
         help=f"--harmless: prompts per probe set, a seeded subset of larger sets (default {PROBE_ROWS})",
     )
+    parser.add_argument(
+        "--coverage-rows",
+        type=int,
+        default=8,
+        help="per task, how much of a gradient on this many unseen rows the mean of this many rows, and their "
+        "per-row directions, hold (does protection carry beyond the rows held?); 0 skips it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.coverage_rows < 0:
+        parser.error(f"--coverage-rows {args.coverage_rows}: give a number of rows >= 1, or 0 to skip")
     if not args.capability:
         parser.error("give at least one --capability TASK=SOURCE")
     try:
@@ -103,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             harmless_prompts=args.harmless,
             probe_rows=args.probe_rows,
             harmless_field="--harmless",
+            coverage_rows=args.coverage_rows or None,
         )
     except ValueError as err:
         parser.exit(2, f"frontier-geometry: error: {err}\n")

@@ -287,6 +287,50 @@ def capability_directions(
     return out
 
 
+def span_coverage(gram: torch.Tensor) -> float:
+    """‖P g‖ / ‖g‖ from the Gram matrix of ``[r_1, …, r_n, g]``: the fraction of the last vector's norm inside the
+    span of the others (bᵀ G⁺ b / ‖g‖², with G the rows' Gram block and b their products with g; a pseudo-inverse
+    on unit-scaled vectors, so dependent or tiny rows are harmless). 0 for a zero ``g``."""
+    G = unit_gram(gram)
+    if float(G[-1, -1]) == 0.0:
+        return 0.0
+    rows, b = G[:-1, :-1], G[:-1, -1]
+    inside = float(b @ torch.linalg.pinv(rows, hermitian=True, rtol=1e-10) @ b)
+    return math.sqrt(min(max(inside, 0.0), 1.0))
+
+
+def direction_coverage(
+    model: nn.Module, params: Sequence[nn.Parameter], sampler: CapabilitySampler, task: str, rows: int
+) -> dict[str, Any]:
+    """How much of a task's gradient on rows the directions never saw they hold (benchmarks/README.md §8).
+
+    From ``rows`` rows of ``task``, one at a time: the span of their *mean* gradient (what the trainer holds with
+    ``capability_rank=1, capability_batch_size=rows``) and the span of their *per-row* gradients
+    (``capability_rank=rows, capability_batch_size=1``); and ĝ, the mean gradient of the next ``rows`` rows (the
+    sampler's next rows in its permutation, disjoint within an epoch; rows are weighted equally). Coverage
+    ‖P ĝ‖/‖ĝ‖ says how far protection of the held rows carries to the task: a projection off a span that holds
+    a fraction c of ĝ leaves √(1 − c²) of it. All in the Gram form (inner products only, nothing flattened).
+
+    Returns:
+        ``{"rows": n, "mean": coverage by the mean direction, "per_row": coverage by the per-row span}``; ``rows``
+        is lowered to half the task's rows when it has fewer than 2·``rows``, and the coverages are ``None``
+        when it has fewer than 2 rows.
+    """
+    available = len(sampler.rows[task])
+    n = min(int(rows), available // 2)
+    if n < 1:
+        return {"rows": 0, "mean": None, "per_row": None}
+    device = params[0].device
+    seen = [capability_gradients(model, params, sampler.next_batch(task, device=device))[1] for _ in range(n)]
+    _, held = average_gradient(model, params, [sampler.next_batch(task, device=device) for _ in range(n)])
+    mean = [torch.stack(parts).mean(0) for parts in zip(*seen, strict=True)]
+    return {
+        "rows": n,
+        "mean": span_coverage(gram_matrix([mean, held])),
+        "per_row": span_coverage(gram_matrix([*seen, held])),
+    }
+
+
 # --------------------------------------------------------------------------------------
 # geometry from a Gram matrix
 # --------------------------------------------------------------------------------------
@@ -548,6 +592,7 @@ def geometry_report(
     harmless_prompts: datasets.Dataset | str | os.PathLike | Sequence[str] | None = None,
     probe_rows: int | None = PROBE_ROWS,
     harmless_field: str = "harmless_prompts",
+    coverage_rows: int | None = None,
 ) -> dict[str, Any]:
     """Pre-training geometry of ``model``: τ_i, angle, regime and B√(1 − τ_i) per capability.
 
@@ -568,6 +613,8 @@ def geometry_report(
             gradient space only.
         probe_rows: prompts per probe set (a seeded subset of larger sets; ``None``: all).
         harmless_field: what the errors call ``harmless_prompts`` (the CLI: ``--harmless``).
+        coverage_rows: adds ``coverage`` to every task row (:func:`direction_coverage` with this many rows):
+            how much of a gradient on unseen rows the trainer's directions would hold. ``None``: skipped.
 
     Returns:
         A JSON-serialisable dict (see :func:`task_geometry` and :func:`conflict_geometry`).
@@ -613,6 +660,13 @@ def geometry_report(
         g2 = G[1:, 1:]
         report["second"] = {"preference_margin": margin2, **task_geometry(g2, tasks, budget)}
         report["conflict"] = conflict_geometry(G, tasks)
+    if coverage_rows is not None:
+        if isinstance(coverage_rows, bool) or not isinstance(coverage_rows, int) or coverage_rows < 1:
+            raise ValueError(f"coverage_rows={coverage_rows!r}: pass a positive number of rows, or None to skip.")
+        one_row = build_capability_sampler(capability_datasets, tokenizer, max_length, 1, seed + 1)
+        with deterministic_forward(model):
+            for row in report["tasks"]:
+                row["coverage"] = direction_coverage(model, params, one_row, row["task"], coverage_rows)
     if probe_sets is not None:
         harmful, harmless, task_prompts = probe_sets
         with deterministic_forward(model):
@@ -639,6 +693,18 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{r['task']:<14} {r['tau']:>8.4f} {r['cos']:>+8.4f} {r['angle_deg']:>7.1f}° {r['regime']:>10} "
             f"{r['free_safety']:>16.4f}" + (f" {r['tau_repr']:>9.4f}" if rep else "")
         )
+    covered = [r for r in report["tasks"] if r.get("coverage", {}).get("mean") is not None]
+    if covered:
+        lines.append(
+            "coverage c of a gradient on unseen rows by the directions held (a projection leaves sqrt(1 - c^2) "
+            "of it; benchmarks/README.md §8):"
+        )
+        for r in covered:
+            c = r["coverage"]
+            lines.append(
+                f"  {r['task']:<14} mean of {c['rows']} rows: {c['mean']:.2f}; their {c['rows']} per-row directions "
+                f"(capability_rank={c['rows']}, capability_batch_size=1): {c['per_row']:.2f}"
+            )
     lines.append(
         f"joint tau = {report['joint_tau']:.4f} (sum of per-task tau = {report['sum_of_task_taus']:.4f}); "
         f"tax-free safety B*sqrt(1-tau) = {report['joint_free_safety']:.4f}"
@@ -678,6 +744,7 @@ __all__ = [
     "average_gradient",
     "capability_directions",
     "conflict_geometry",
+    "direction_coverage",
     "format_report",
     "geometry_report",
     "gram_coordinates",
@@ -687,6 +754,7 @@ __all__ = [
     "representation_geometry",
     "safety_direction",
     "sequence_logprob_sums",
+    "span_coverage",
     "task_geometry",
     "task_probe_prompts",
     "unit_gram",

@@ -33,6 +33,7 @@ from frontier_trainer.geometry_report import (
     safety_direction,
     task_geometry,
 )
+from frontier_trainer.report import direction_coverage, span_coverage
 from frontier_trainer.tracking import DegradationCallback, kendall, rankdata, spearman
 
 TASKS = ["copy", "count"]
@@ -318,6 +319,7 @@ def test_geometry_report_on_tiny_model_and_cli(model_dir: Path, tmp_path: Path, 
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "copy" in printed and "preserve to ease the conflict" in printed
+    assert "per-row directions (capability_rank=8, capability_batch_size=1)" in printed  # --coverage-rows 8
     saved = json.loads(out.read_text())
     assert [r["task"] for r in saved["tasks"]] == TASKS
     assert saved["tasks"][0]["tau"] == pytest.approx(report["tasks"][0]["tau"], rel=1e-5)
@@ -584,3 +586,43 @@ def test_tracking_imports_no_command_module() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_span_coverage_matches_a_qr_projection_and_ignores_dependent_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(30, generator=gen, dtype=torch.float64) for _ in range(4)]
+    rows.append(rows[0] * 2 - rows[1])  # dependent
+    g = torch.randn(30, generator=gen, dtype=torch.float64) * 1e-5  # tiny scale: unit-scaled inside
+    q, _ = torch.linalg.qr(torch.stack(rows[:4]).T)
+    expected = float((q.T @ g).norm() / g.norm())
+    vectors = [[r] for r in [*rows, g]]
+    assert span_coverage(gram_matrix(vectors)) == pytest.approx(expected, rel=1e-9)
+    assert span_coverage(gram_matrix([[r] for r in [*rows, rows[2] + rows[3]]])) == pytest.approx(1.0, abs=1e-9)
+    assert span_coverage(gram_matrix([[r] for r in [*rows, torch.zeros(30, dtype=torch.float64)]])) == 0.0
+
+
+def test_direction_coverage_holds_unseen_rows_only_in_part(model_dir: Path) -> None:
+    """Per-row and mean coverage against an independent flatten-and-QR of the same rows' gradients; the held rows
+    are not the seen ones (coverage < 1), and the mean's span is inside the per-row span."""
+    from frontier_trainer.directions import capability_gradients
+    from frontier_trainer.report import average_gradient
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = build_tokenizer()
+    params = [p for p in model.parameters() if p.requires_grad]
+    caps = capability_datasets()
+    got = direction_coverage(model, params, build_capability_sampler(caps, tok, 512, 1, 7), "copy", 4)
+    sampler = build_capability_sampler(caps, tok, 512, 1, 7)  # the same permutation, replayed
+    seen = [torch.cat([g.reshape(-1) for g in capability_gradients(model, params, sampler.next_batch("copy"))[1]])
+            for _ in range(4)]  # fmt: skip
+    _, held = average_gradient(model, params, [sampler.next_batch("copy") for _ in range(4)])
+    g = torch.cat([t.reshape(-1) for t in held]).double()
+    q, _ = torch.linalg.qr(torch.stack(seen).double().T)
+    mean = torch.stack(seen).double().mean(0)
+    assert got["rows"] == 4
+    assert got["per_row"] == pytest.approx(float((q.T @ g).norm() / g.norm()), rel=1e-6)
+    assert got["mean"] == pytest.approx(float(abs(mean @ g) / (mean.norm() * g.norm())), rel=1e-6)
+    assert got["mean"] <= got["per_row"] + 1e-9 < 1.0 - 1e-3
+    # a task with too few rows gets none
+    tiny = {"copy": caps["copy"].select(range(1))}
+    assert direction_coverage(model, params, build_capability_sampler(tiny, tok, 512, 1, 0), "copy", 4)["mean"] is None
