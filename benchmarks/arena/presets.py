@@ -65,13 +65,6 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
         "capability_refresh_steps": 1,
         "capability_rank": 8,
     },
-    "nullspace-hold-every-step-r32-b1": {
-        "protect_benign": True,
-        "hold_refusal": True,
-        "capability_refresh_steps": 1,
-        "capability_rank": 32,
-        "capability_batch_size": 1,
-    },
     "nullspace-hold-every-step-b32": {  # one direction per task from 32 rows
         "protect_benign": True,
         "hold_refusal": True,
