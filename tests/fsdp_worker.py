@@ -396,6 +396,9 @@ def run_trainer(model_dir: str, out: Path, rank: int) -> dict[str, Any]:
             assert trainer.args.world_size == 2, trainer.args.world_size
             trainer.train()
             if kind == "fsdp" and projection == "nullspace":  # the mixin's per-rank state, saved
+                # Trainer._save_checkpoint creates the folder before this call; here every rank does, before
+                # either writes (without it rank 0's optimizer save raced rank 1's makedirs and failed under load)
+                (out / "ckpt").mkdir(parents=True, exist_ok=True)
                 trainer._save_optimizer_and_scheduler(str(out / "ckpt"))
                 saved_directions = [[t.clone() for t in d] for d in trainer.projector.directions]
                 saved_position = trainer.capability_sampler.state_dict()
