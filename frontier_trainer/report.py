@@ -302,7 +302,7 @@ def span_coverage(gram: torch.Tensor) -> float:
 def direction_coverage(
     model: nn.Module, params: Sequence[nn.Parameter], sampler: CapabilitySampler, task: str, rows: int
 ) -> dict[str, Any]:
-    """How much of a task's gradient on rows the directions never saw they hold (benchmarks/README.md §8).
+    """How much of a task's gradient on unseen rows the trainer's directions would hold (benchmarks/README.md §8).
 
     From ``rows`` rows of ``task``, one at a time: the span of their *mean* gradient (what the trainer holds with
     ``capability_rank=1, capability_batch_size=rows``) and the span of their *per-row* gradients
@@ -693,7 +693,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{r['task']:<14} {r['tau']:>8.4f} {r['cos']:>+8.4f} {r['angle_deg']:>7.1f}° {r['regime']:>10} "
             f"{r['free_safety']:>16.4f}" + (f" {r['tau_repr']:>9.4f}" if rep else "")
         )
-    covered = [r for r in report["tasks"] if r.get("coverage", {}).get("mean") is not None]
+    covered = [r for r in report["tasks"] if "coverage" in r]
     if covered:
         lines.append(
             "coverage c of a gradient on unseen rows by the directions held (a projection leaves sqrt(1 - c^2) "
@@ -701,6 +701,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         )
         for r in covered:
             c = r["coverage"]
+            if c["mean"] is None:  # said, not dropped: the task has fewer than 2 rows
+                lines.append(f"  {r['task']:<14} not measured: the task needs at least 2 rows")
+                continue
             lines.append(
                 f"  {r['task']:<14} mean of {c['rows']} rows: {c['mean']:.2f}; their {c['rows']} per-row directions "
                 f"(capability_rank={c['rows']}, capability_batch_size=1): {c['per_row']:.2f}"

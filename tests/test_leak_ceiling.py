@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_arena import _TinySuite
 
 from benchmarks import leak_ceiling as lc
 
@@ -75,28 +76,8 @@ def test_leak_ratio_is_zero_inside_the_span_and_at_least_one_off_it() -> None:
     assert 0.0 < partial["coverage"] < 1.0
 
 
-class _Suite:
-    """tests/tiny.py's model and rows; the held-out rows are drawn from a later range than the training rows."""
-
-    def __init__(self, root: Path) -> None:
-        import tiny
-
-        self.tiny = tiny
-        self.dir = tiny.build_model_dir(root / "tiny")
-
-    def base_model(self, seed: int) -> str:
-        return str(self.dir)
-
-    def load(self, source: str) -> tuple[Any, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
-
-    def peft_config(self) -> None:
-        return None
-
-    def preference_dataset(self) -> Any:
-        return self.tiny.preference_dataset()
+class _Suite(_TinySuite):
+    """test_arena's tiny suite, 16 training rows per task and held-out rows from a later range."""
 
     def capability_datasets(self) -> dict[str, Any]:
         return self.tiny.capability_datasets(16)

@@ -33,7 +33,7 @@ from frontier_trainer.geometry_report import (
     safety_direction,
     task_geometry,
 )
-from frontier_trainer.report import direction_coverage, span_coverage
+from frontier_trainer.report import direction_coverage, format_report, span_coverage
 from frontier_trainer.tracking import DegradationCallback, kendall, rankdata, spearman
 
 TASKS = ["copy", "count"]
@@ -625,4 +625,9 @@ def test_direction_coverage_holds_unseen_rows_only_in_part(model_dir: Path) -> N
     assert got["mean"] <= got["per_row"] + 1e-9 < 1.0 - 1e-3
     # a task with too few rows gets none
     tiny = {"copy": caps["copy"].select(range(1))}
-    assert direction_coverage(model, params, build_capability_sampler(tiny, tok, 512, 1, 0), "copy", 4)["mean"] is None
+    none = direction_coverage(model, params, build_capability_sampler(tiny, tok, 512, 1, 0), "copy", 4)
+    assert none["mean"] is None
+    report = {"budget": 1.0, "num_parameters": 1, "joint_tau": 0.0, "sum_of_task_taus": 0.0, "joint_free_safety": 1.0,
+              "tasks": [{"task": "copy", "tau": 0.0, "cos": 0.0, "angle_deg": 90.0, "regime": "free",
+                         "free_safety": 1.0, "coverage": none}]}  # fmt: skip
+    assert "copy           not measured: the task needs at least 2 rows" in format_report(report)
