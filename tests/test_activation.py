@@ -23,6 +23,7 @@ from tiny import build_tokenizer, capability_datasets, check_multiprocess_exit, 
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from frontier_trainer import activation
 from frontier_trainer.activation import (
     DEFAULT_ENERGY,
     ActivationProjector,
@@ -384,6 +385,46 @@ def test_shared_inputs_share_one_basis_and_chunked_passes_match_one_pass() -> No
         V = chunked.bases[name]
         assert U.shape == V.shape
         assert torch.allclose(U @ U.T, V @ V.T, atol=1e-10), name
+
+
+def planted_covariance(d: int, spectrum: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """C = V diag(spectrum) Vᵀ with a random orthogonal V (columns in spectrum order)."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g)).Q
+    return (V * spectrum) @ V.T, V
+
+
+@pytest.mark.parametrize("max_rank, energy", [(8, 0.99), (32, 0.99), (32, 0.5)])
+def test_subspace_iteration_finds_eighs_subspace_and_energy_rank(monkeypatch, max_rank, energy) -> None:
+    """Above ITERATION_MIN_WIDTH the top subspace comes from the iteration, and it is eigh's: the same
+    r by the energy rule (counted against the whole trace, not the top eigenvalues found), an
+    orthonormal basis, subspace distance ≤ 1e-6. Spectrum 1/j (slow decay, as SmolLM2's inputs)."""
+    d = activation.ITERATION_MIN_WIDTH + 76
+    C, _ = planted_covariance(d, 1.0 / torch.arange(1, d + 1, dtype=torch.float64))
+    calls: list[bool] = []
+    real = activation.top_eigenpairs_by_iteration
+
+    def spy(*args, **kwargs):
+        found = real(*args, **kwargs)
+        calls.append(found is not None)
+        return found
+
+    monkeypatch.setattr(activation, "top_eigenpairs_by_iteration", spy)
+    U = activation.top_subspace(C, energy, max_rank)
+    assert calls == [True], "the iteration did not run, or did not converge"
+    E = activation.top_subspace(C, energy, max_rank, method="eigh")
+    assert U.shape == E.shape and 1 <= U.shape[1] <= max_rank
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-12)
+    assert torch.linalg.matrix_norm(U - E @ (E.T @ U), 2) <= 1e-6
+    if energy == 0.5:
+        assert U.shape[1] < max_rank  # the energy rule, not the cap, chose r here
+
+
+def test_subspace_iteration_falls_back_to_eigh_when_it_does_not_converge(monkeypatch) -> None:
+    d = activation.ITERATION_MIN_WIDTH + 76
+    C, _ = planted_covariance(d, 1.0 / torch.arange(1, d + 1, dtype=torch.float64), seed=1)
+    monkeypatch.setattr(activation, "ITERATION_MAX_STEPS", 0)
+    assert torch.equal(activation.top_subspace(C, 0.99, 8), activation.top_subspace(C, 0.99, 8, method="eigh"))
 
 
 def test_padding_positions_are_not_read() -> None:
