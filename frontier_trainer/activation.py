@@ -41,8 +41,9 @@ autocast, no gradient. The d_in × d_in second-moment matrix Σ x xᵀ is accumu
 (exact up to fp64 rounding; 8·d_in² bytes per group while refreshing). To bound that transient,
 groups are split into passes whose covariances fit ``max_covariance_bytes`` (each pass replays
 the batches), so an 8B model's 14336-wide down_proj inputs cost passes, not memory. No sketch
-is used: the subspace is the exact eigenspace of the streamed covariance, which is what makes
-(A1) testable against an independently computed U.
+of the inputs is used: the subspace is the eigenspace of the exactly streamed covariance (to the
+iteration's tolerance for wide inputs, below), which is what makes (A1) testable against an
+independently computed U.
 
 Cost: a refresh is one no-grad forward per batch (per pass) plus, per group, the top-r
 eigenvectors of a d_in × d_in matrix. A full ``eigh`` costs ~9·d_in³ whatever r is (SmolLM2's
