@@ -19,7 +19,8 @@ def test_full_eigh_only_forces_eigh_and_restores_the_threshold(monkeypatch) -> N
     saved = activation.ITERATION_MIN_WIDTH
     with full_eigh_only():
         inside = activation.top_subspace(C, 0.99, 8)
-    assert calls == [] and activation.ITERATION_MIN_WIDTH == saved
+    assert calls == []
+    assert saved == activation.ITERATION_MIN_WIDTH
     assert torch.equal(inside, activation.top_subspace(C, 0.99, 8, method="eigh"))
     activation.top_subspace(C, 0.99, 8)
     assert calls == [1]
