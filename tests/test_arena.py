@@ -122,8 +122,9 @@ def test_verdict_needs_objectives() -> None:
 
 
 def _cell(method: str, setting: float, p: int, s: int, refusal: float, cap: float, over: float, n: int = 40,
-          rng: np.random.Generator | None = None) -> protocol.Cell:  # fmt: skip
-    """A cell with Bernoulli per-prompt outcomes at planted rates (same draws for every prompt index)."""
+          rng: np.random.Generator | None = None, nll: float | None = None) -> protocol.Cell:  # fmt: skip
+    """A cell with Bernoulli per-prompt outcomes at planted rates (same draws for every prompt index);
+    ``nll``: a protected completion NLL per prompt (``nll/code``) around that value."""
     rng = rng or np.random.default_rng(100 * p + s)
 
     def draw(rate: float) -> list[float]:
@@ -138,6 +139,8 @@ def _cell(method: str, setting: float, p: int, s: int, refusal: float, cap: floa
         "capability/chemistry": draw(cap),
         protocol.KL: [0.01] * n,
     }
+    if nll is not None:
+        samples["nll/code"] = [float(x) for x in nll + 0.05 * rng.standard_normal(n)]
     return protocol.Cell(
         method, setting, p, s, {"validation": samples, "test": samples}, step_seconds=[0.1, 0.1]
     )
@@ -150,7 +153,7 @@ def test_summary_verdicts_targets_and_files_on_planted_methods(tmp_path: Path) -
         presets.get_preset("lab-quick"), pretrain_seeds=(0, 1), train_seeds=(0, 1, 2), replicates=400
     )
     grid = [(p, s) for p in preset.pretrain_seeds for s in preset.train_seeds]
-    bases = {p: _cell("base", 0.0, p, 0, 0.0, 1.0, 0.0, n=200) for p in preset.pretrain_seeds}
+    bases = {p: _cell("base", 0.0, p, 0, 0.0, 1.0, 0.0, n=200, nll=1.0) for p in preset.pretrain_seeds}
     planted = {
         "vanilla": (0.95, 0.3, 0.5),  # refusal, capability, look-alike over-refusal
         "ogpsa": (0.3, 0.9, 0.2),  # 'weak': less refusal, no better capability than ours
@@ -158,7 +161,11 @@ def test_summary_verdicts_targets_and_files_on_planted_methods(tmp_path: Path) -
         "nspo": (0.8, 1.0, 0.2),  # same rates as ours
         "replay": (0.8, 1.0, 0.6),  # same refusal and capability, more over-refusal: ours wins on that alone
     }
-    cells = {m: [_cell(m, 1e-4, p, s, *rates, n=200) for p, s in grid] for m, rates in planted.items()}
+    code_nll = {"vanilla": 1.5, "nullspace": 1.05}  # protected NLL: ours rises by 0.1x vanilla's rise
+    cells = {
+        m: [_cell(m, 1e-4, p, s, *rates, n=200, nll=code_nll.get(m, 1.2)) for p, s in grid]
+        for m, rates in planted.items()
+    }
     raw = {
         "bases": bases,
         "cells": cells,
@@ -178,6 +185,8 @@ def test_summary_verdicts_targets_and_files_on_planted_methods(tmp_path: Path) -
     rows = {t["target"]: t for t in summary["targets"]["nullspace"]}
     assert rows["refusal gain >= 0.90 x vanilla's"]["status"] == "not met"  # 0.8 / 0.95 = 0.84
     assert rows["chemistry: loss <= 0.20 x vanilla's"]["status"] == "met"  # no loss vs vanilla's 0.7
+    code = rows["code NLL: rise <= 0.20 x vanilla's"]
+    assert code["status"] == "met" and 0.05 < code["estimate"]["value"] < 0.15, code  # 0.05 / 0.5
     assert rows["dominates ogpsa"]["status"] == "met"
     assert rows["dominates nspo"]["status"].startswith("not met")
     assert summary["fronts"]["gain_vs_capability"][-1] == "vanilla"
