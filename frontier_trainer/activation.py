@@ -53,8 +53,9 @@ block subspace iteration with Rayleigh-Ritz instead (:func:`top_subspace`), ~2·
 per iteration, stopped when every Ritz pair the energy rule keeps has residual ‖C v − θ v‖ ≤
 :data:`ITERATION_TOLERANCE` · θ_1, and falling back to ``eigh`` if that is not reached in
 :data:`ITERATION_MAX_STEPS` iterations. (A1) is exact against whichever orthonormal U is held, so
-the iteration moves only *which* subspace is protected, by ~1e-9-1e-7 (subspace distance to
-eigh's on SmolLM2's covariances at r = 8 and 32), not how exactly it is protected. Its starting
+the iteration moves only *which* subspace is protected, by at most 2.5e-7 (subspace distance to
+eigh's on SmolLM2 + LoRA's refresh covariances at r = 8 and 32, benchmarks/README.md §9), not how
+exactly it is protected. Its starting
 block comes from a private generator with a fixed seed, so the training RNG is not touched and
 ranks with the same covariance get the same U. A projected step costs three float64
 matmuls of size d_out × d_in × r per module (4.7 s at r = 16, 7.1 s at r = 64 on the same box).
@@ -273,7 +274,7 @@ def top_eigenpairs_by_iteration(
 
     Each step: Z = C Q; the Ritz pairs of C on span Q (eigh of the small Qᵀ Z); r from their values;
     stop when the top r have converged, else Q ← orth(Z). Only the kept pairs must converge: at
-    energy 0.99 most of SmolLM2's input groups keep 1-2 of 32 directions. The start is C Ω with Ω
+    energy 0.99 some of SmolLM2's input groups keep 1-2 of 32 directions. The start is C Ω with Ω
     Gaussian from a private generator seeded 0 (deterministic; the global RNG is untouched).
     """
     C = covariance.double()
