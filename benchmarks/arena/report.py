@@ -229,11 +229,15 @@ def targets(
                 }
             )
             # a loss is a fall of a capability score or a rise of a protected completion NLL (nats/token)
-            keys = sorted(k for k in r if k.startswith(("capability_change/", "nll_change/")) and k in v)
+            keys = sorted(k for k in r if k.startswith(("capability_change/", "nll_change/")))
             for key in keys:
                 nll = key.startswith("nll_change/")
                 sign = 1.0 if nll else -1.0
                 label = f"{key.split('/', 1)[1]} NLL: rise" if nll else f"{key.split('/', 1)[1]}: loss"
+                if key not in v:
+                    missing = f"n/a (vanilla has no {key})"
+                    rows.append({"target": f"{label} <= 0.20 x vanilla's", "estimate": None, "status": missing})
+                    continue
                 vv, vr = v[key]
                 vloss = summarise(sign * vv, sign * vr)
                 if vloss.low <= 0:
