@@ -566,3 +566,13 @@ def test_hold_variants_reach_the_trainer_with_the_avoidance_metric(tmp_path: Pat
     assert hold.args.projection == "frontier"
     assert hold.args.capability_tolerance == {"refusal_on_benign": 0.1}
     assert built["nullspace"].capability_metrics == {} and built["nullspace"].args.projection == "nullspace"
+
+
+def test_a_task_vanilla_lacks_gets_an_explicit_target_row() -> None:
+    reps_ = np.full(50, 0.5)
+    reps = {
+        "vanilla": {"refusal_gain": (0.5, reps_)},
+        "nullspace": {"refusal_gain": (0.5, reps_), "nll_change/code": (0.1, reps_ / 5)},
+    }
+    rows = {t["target"]: t for t in report.targets(reps, {}, [], ["nullspace"])["nullspace"]}
+    assert rows["code NLL: rise <= 0.20 x vanilla's"]["status"] == "n/a (vanilla has no nll_change/code)"
