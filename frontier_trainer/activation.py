@@ -47,7 +47,7 @@ independently computed U.
 
 Cost: a refresh is one no-grad forward per batch (per pass) plus, per group, the top-r
 eigenvectors of a d_in × d_in matrix. A full ``eigh`` costs ~9·d_in³ whatever r is (SmolLM2's
-1536-wide down_proj inputs: 1.3-1.9 s each on one CPU thread, 30 of them, 70% of a refresh).
+1536-wide down_proj inputs: 30 of them per refresh, most of its CPU time; benchmarks/README.md §9).
 From d_in ≥ :data:`ITERATION_MIN_WIDTH` (and a block of at most d_in / 4) the top r come from
 block subspace iteration with Rayleigh-Ritz instead (:func:`top_subspace`), ~2·d_in²·(r + p)
 per iteration, stopped when every Ritz pair the energy rule keeps has residual ‖C v − θ v‖ ≤
@@ -120,7 +120,7 @@ DEFAULT_ENERGY = 0.99
 ENERGY_SLACK = 1e-12
 
 #: Input widths from which :func:`top_subspace` uses block subspace iteration instead of a full
-#: ``eigh`` (below it a full eigh is cheap: ~0.05 s at 576 on one CPU thread).
+#: ``eigh`` (below it a full eigh is cheap: its d³ cost at 576 is 1/19 of that at 1536).
 ITERATION_MIN_WIDTH = 1024
 
 #: Residual tolerance of the iteration, relative to the top eigenvalue (module docstring).
