@@ -2,21 +2,16 @@
 
 A refresh (``ActivationProjector.refresh``) is one no-grad forward of the capability batches plus the
 top-r eigenvectors of every input group's covariance (``frontier_trainer.activation.top_subspace``).
-This times three ways of finding them on the same model, batches and covariances, alternating in one
-process (eigh, cold, warm, eigh, cold, warm, ...), and reports how far the iterations' bases are from
-eigh's:
+This times both ways of finding them on the same model, batches and covariances, alternating in one
+process (eigh, iteration, eigh, iteration, ...), and reports how far apart the two bases are:
 
-* ``eigh``: a full eigh for every group (the behaviour before the iteration);
-* ``cold``: the iteration (from ``ITERATION_MIN_WIDTH``) from its random block, no bases held;
-* ``warm``: the iteration started from the bases held after a refresh on the sampler's previous draw
-  of rows (other rows, same weights), as the trainer's next refresh starts;
 * the batches are the trainer's own: ``capability_rank`` (1) batch of ``capability_batch_size`` (8)
   rows per task from ``directions.build_capability_sampler``, the arena ``smollm2-cpu`` preset's
   tasks (BIG-bench addition, HumanEval) at its length (128 tokens), on SmolLM2-135M-Instruct with
   the arena's LoRA (r = 16 on every block linear);
-* per rank: seconds per refresh for each method (median over ``--repeats``), the ratios to eigh, the
+* per rank: seconds per refresh for each method (median over ``--repeats``), their ratio, the
   largest subspace distance ‖U_it − U_e U_eᵀ U_it‖₂ over groups, and whether every group kept the
-  same number of directions. Every timed refresh reuses the input groups found once, untimed.
+  same number of directions.
 
     python -m benchmarks.activation_refresh --ranks 8 32 --repeats 3 --output-dir DIR
 """
@@ -54,11 +49,6 @@ def full_eigh_only() -> Iterator[None]:
         activation.ITERATION_MIN_WIDTH = saved
 
 
-METHODS = ("eigh", "cold", "warm")
-"""Full eigh everywhere; the iteration from the random block; the iteration warm-started from the
-bases of the previous draw of capability rows."""
-
-
 def subspace_distance(U: torch.Tensor, E: torch.Tensor) -> float:
     """‖U − E Eᵀ U‖₂: how far span U leaves span E (0 when U ⊆ E)."""
     if U.shape[1] == 0:
@@ -77,44 +67,34 @@ def run(ranks: list[int], repeats: int, batch_size: int = 8) -> list[dict]:
     sampler = build_capability_sampler(
         suite.capability_datasets(), tok, max_length=preset.max_length, batch_size=batch_size
     )
-    # the warm start's bases come from the sampler's previous draw (other rows), as at a trainer refresh
-    previous_batches = [sampler.next_batch(task) for task in sampler.tasks]
     batches = [sampler.next_batch(task) for task in sampler.tasks]
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     rows = []
     for rank in ranks:
         projector = ActivationProjector(model, rank=rank)
-        projector.refresh(previous_batches)  # untimed: finds the input groups (first refresh only)
-        seconds: dict[str, list[float]] = {method: [] for method in METHODS}
+        seconds: dict[str, list[float]] = {"eigh": [], "iteration": []}
         bases: dict[str, dict[str, torch.Tensor]] = {}
         for _ in range(repeats):
-            for method in METHODS:
-                if method == "warm":
-                    projector.refresh(previous_batches)  # untimed: the bases held before this refresh
-                else:
-                    projector.bases = {}  # no warm start
+            for method in ("eigh", "iteration"):
                 with full_eigh_only() if method == "eigh" else contextlib.nullcontext():
                     start = time.perf_counter()
                     projector.refresh(batches)
                     seconds[method].append(time.perf_counter() - start)
                 bases[method] = {k: v.clone() for k, v in projector.bases.items()}
-        exact = bases["eigh"]
-        wide = sorted(g for g, b in exact.items() if b.shape[0] >= activation.ITERATION_MIN_WIDTH)
-        row: dict = {
+        distances = {g: subspace_distance(bases["iteration"][g], bases["eigh"][g]) for g in bases["eigh"]}
+        same_ranks = all(bases["iteration"][g].shape == bases["eigh"][g].shape for g in bases["eigh"])
+        wide = sorted(g for g, b in bases["eigh"].items() if b.shape[0] >= activation.ITERATION_MIN_WIDTH)
+        row = {
             "activation_rank": rank,
-            "groups": len(exact),
+            "groups": len(bases["eigh"]),
             "groups_iterated": len(wide),
-            "widths": sorted({int(b.shape[0]) for b in exact.values()}),
             "capability_tokens": tokens,
+            "eigh_seconds": [round(s, 2) for s in seconds["eigh"]],
+            "iteration_seconds": [round(s, 2) for s in seconds["iteration"]],
+            "ratio_median": round(statistics.median(seconds["iteration"]) / statistics.median(seconds["eigh"]), 3),
+            "max_subspace_distance": max(distances.values()),
+            "same_ranks": same_ranks,
         }
-        for method in METHODS:
-            row[f"{method}_seconds"] = [round(x, 2) for x in seconds[method]]
-        for method in ("cold", "warm"):
-            row[f"{method}_ratio_median"] = round(
-                statistics.median(seconds[method]) / statistics.median(seconds["eigh"]), 3
-            )
-            row[f"{method}_max_subspace_distance"] = max(subspace_distance(bases[method][g], exact[g]) for g in exact)
-            row[f"{method}_same_ranks"] = all(bases[method][g].shape == exact[g].shape for g in exact)
         logger.info("%s", row)
         rows.append(row)
     return rows
@@ -122,17 +102,15 @@ def run(ranks: list[int], repeats: int, batch_size: int = 8) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| activation_rank | groups (iterated) | eigh refresh, s | cold iteration, s | warm iteration, s | "
-        "cold / eigh | warm / eigh (median) | max subspace distance to eigh (cold, warm) | same ranks |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| activation_rank | groups (iterated) | eigh refresh, s | iteration refresh, s | iteration / eigh "
+        "(median) | max subspace distance | same ranks |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['activation_rank']} | {r['groups']} ({r['groups_iterated']}) | "
-            f"{', '.join(map(str, r['eigh_seconds']))} | {', '.join(map(str, r['cold_seconds']))} | "
-            f"{', '.join(map(str, r['warm_seconds']))} | {r['cold_ratio_median']:.2f} | "
-            f"{r['warm_ratio_median']:.2f} | {r['cold_max_subspace_distance']:.1e}, "
-            f"{r['warm_max_subspace_distance']:.1e} | {r['cold_same_ranks'] and r['warm_same_ranks']} |"
+            f"{', '.join(map(str, r['eigh_seconds']))} | {', '.join(map(str, r['iteration_seconds']))} | "
+            f"{r['ratio_median']:.2f} | {r['max_subspace_distance']:.1e} | {r['same_ranks']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -56,11 +56,9 @@ per iteration, stopped when every Ritz pair the energy rule keeps has residual �
 the iteration moves only *which* subspace is protected, by at most 2.5e-7 (subspace distance to
 eigh's on SmolLM2 + LoRA's refresh covariances at r = 8 and 32, benchmarks/README.md §9), not how
 exactly it is protected. Its starting
-block comes from a private generator with a fixed seed, with the bases held from the previous
-refresh as its first columns (a warm start: the inputs drift little between refreshes; the bases
-are part of the checkpointed state, so a resumed run starts from the same block), so the training
-RNG is not touched and ranks with the same covariance and bases get the same U. The input groups
-are found by one forward of a single row at the first refresh and kept. A projected step costs three float64
+block comes from a private generator with a fixed seed, so the training RNG is not touched and
+ranks with the same covariance get the same U. The input groups are found by one forward of a
+single row at the first refresh and kept (restored with the state on resume). A projected step costs three float64
 matmuls of size d_out × d_in × r per module (4.7 s at r = 16, 7.1 s at r = 64 on the same box).
 
 Energy rule (:func:`energy_rank`): with eigenvalues λ_1 ≥ … ≥ λ_d ≥ 0 of the covariance, keep the
@@ -123,10 +121,8 @@ DEFAULT_ENERGY = 0.99
 ENERGY_SLACK = 1e-12
 
 #: Input widths from which :func:`top_subspace` uses block subspace iteration instead of a full
-#: ``eigh``. At SmolLM2's 576-wide groups the iteration took 0.66x eigh's time cold and 0.53x
-#: warm-started (benchmarks/README.md §9); below 512 a full eigh is cheap and the block
-#: (r + max(16, r)) is no longer a small fraction of d.
-ITERATION_MIN_WIDTH = 512
+#: ``eigh`` (below it a full eigh is cheap: its d³ cost at 576 is 1/19 of that at 1536).
+ITERATION_MIN_WIDTH = 1024
 
 #: Residual tolerance of the iteration, relative to the top eigenvalue (module docstring).
 ITERATION_TOLERANCE = 1e-10
@@ -271,7 +267,6 @@ def top_eigenpairs_by_iteration(
     energy: float = 1.0,
     tolerance: float = ITERATION_TOLERANCE,
     max_steps: int = ITERATION_MAX_STEPS,
-    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The top r eigenpairs (θ descending, V d × r orthonormal, float64) of a PSD matrix C, r ≤ k by
     :func:`energy_rank` against the whole trace, by block subspace iteration with Rayleigh-Ritz
@@ -282,22 +277,14 @@ def top_eigenpairs_by_iteration(
     stop when the top r have converged, else Q ← orth(Z). Only the kept pairs must converge: at
     energy 0.99 some of SmolLM2's input groups keep 1-2 of 32 directions. The start is C Ω with Ω
     Gaussian from a private generator seeded 0 (deterministic; the global RNG is untouched).
-
-    ``start`` (d × m, m ≤ block): a warm start, the previous refresh's basis. Its columns replace
-    the first m of Ω, so the iteration begins from the subspace held before and needs fewer steps
-    when the inputs drifted little; the stopping rule, hence the accuracy, is the same.
     """
     C = covariance.double()
     d = C.shape[0]
     block = min(iteration_block(k), d)
     total = float(C.diagonal().sum())
     generator = torch.Generator(device=C.device).manual_seed(0)
-    omega = torch.randn(d, block, dtype=C.dtype, device=C.device, generator=generator)
-    if start is not None:
-        if start.dim() != 2 or start.shape[0] != d or start.shape[1] > block:
-            raise ValueError(f"warm start of shape {tuple(start.shape)} does not fit a {d} x {block} block.")
-        omega[:, : start.shape[1]] = start.to(device=C.device, dtype=C.dtype)
-    Q = torch.linalg.qr(C @ omega).Q
+    start = torch.randn(d, block, dtype=C.dtype, device=C.device, generator=generator)
+    Q = torch.linalg.qr(C @ start).Q
     for _ in range(max_steps):
         Z = C @ Q
         small = Q.T @ Z
@@ -313,18 +300,13 @@ def top_eigenpairs_by_iteration(
 
 
 def top_subspace(
-    covariance: torch.Tensor,
-    energy: float,
-    max_rank: int,
-    method: Literal["auto", "eigh", "iteration"] = "auto",
-    start: torch.Tensor | None = None,
+    covariance: torch.Tensor, energy: float, max_rank: int, method: Literal["auto", "eigh", "iteration"] = "auto"
 ) -> torch.Tensor:
     """Orthonormal d × r basis (float64) of the top eigenvectors of a PSD matrix, r by :func:`energy_rank`.
 
     ``method="auto"``: a full ``eigh`` below :data:`ITERATION_MIN_WIDTH` or when the iteration's
     block exceeds d / 4, else :func:`top_eigenpairs_by_iteration` (module docstring, "Cost"),
     with ``eigh`` as its fallback; ``"eigh"`` / ``"iteration"`` force one (the latter still falls back).
-    ``start``: the iteration's warm start (ignored by ``eigh``).
     """
     C = covariance.double()
     d = C.shape[0]
@@ -333,9 +315,7 @@ def top_subspace(
         method == "auto" and d >= ITERATION_MIN_WIDTH and 4 * iteration_block(k) <= d
     )
     if use_iteration:
-        if start is not None and (start.shape[0] != d or start.shape[1] > iteration_block(k)):
-            start = None  # another width or a larger rank than this block holds: start cold
-        found = top_eigenpairs_by_iteration(C, k, energy, ITERATION_TOLERANCE, ITERATION_MAX_STEPS, start)
+        found = top_eigenpairs_by_iteration(C, k, energy, ITERATION_TOLERANCE, ITERATION_MAX_STEPS)
         if found is not None:
             return found[1].contiguous()
         logger.debug("top_subspace: the iteration did not converge for d=%d, k=%d; using eigh", d, k)
@@ -597,8 +577,7 @@ class ActivationProjector:
 
     def _estimate(self, batches: list[dict[str, torch.Tensor]]) -> None:
         hooked = [e for e in self.entries if e.kind != "embedding"]
-        # the bases held so far warm-start the iteration (top_eigenpairs_by_iteration's ``start``)
-        previous, self.bases, self.tokens = self.bases, {}, None
+        self.bases, self.tokens = {}, None
         self.refresh_passes = self.peak_covariance_bytes = 0
         if hooked:
             if not self._groups_known:  # the module graph is fixed for the run: found once
@@ -612,10 +591,7 @@ class ActivationProjector:
                     self.peak_covariance_bytes, sum(c.numel() * c.element_size() for c in covariances.values())
                 )
                 for entry in chunk:
-                    covariance = covariances.pop(entry.name)
-                    held = previous.get(entry.name)
-                    start = None if held is None or held.shape[1] == 0 else held.to(covariance.device)
-                    basis = top_subspace(covariance, self.energy, self.rank, start=start)
+                    basis = top_subspace(covariances.pop(entry.name), self.energy, self.rank)
                     self.bases[entry.name] = basis.to(device=entry.params[0].device, dtype=self.basis_dtype)
             logger.info(
                 "activation refresh: %d modules in %d input groups, ranks %s",
