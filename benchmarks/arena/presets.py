@@ -21,6 +21,16 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "sketch": {"capability_estimator": "sketch", "capability_rank": 4, "capability_refresh_steps": 1},
     "activation": {"capability_space": "activation"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
+    # issue 15 §3 on SmolLM2: activation mode (which kept refusal and capability in smollm2-cpu-long) with the
+    # recipe's benign rows and refusal hold; in activation mode the benign prompts' inputs join every module's
+    # subspace, in "both" the hold is also a gradient direction (the one that cut look-alike over-refusal)
+    "activation-r8-hold": {
+        "capability_space": "activation",
+        "activation_rank": 8,
+        "protect_benign": True,
+        "hold_refusal": True,
+    },
+    "both-r8-hold": {"capability_space": "both", "activation_rank": 8, "protect_benign": True, "hold_refusal": True},
     # round-robin (issue 15 §4): one task re-estimated per refresh from 4 rows
     "nullspace-rr": {
         "capability_refresh_steps": 5,
