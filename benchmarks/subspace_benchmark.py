@@ -145,7 +145,8 @@ def run_config(
     probe_rows: int,
     evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Train one configuration; return its timing, held-out leak and validation quality."""
+    """Train one configuration; return its timing, held-out leak and validation quality
+    (``probe_rows=0``: no probe, timing and validation quality only)."""
     from trl import DPOConfig, DPOTrainer
 
     from frontier_trainer import FrontierDPOConfig, FrontierDPOTrainer
@@ -156,7 +157,12 @@ def run_config(
     common = {k: v for k, v in common_train_args(preset, out / name, lr, seed).items() if v is not None}
     timer = StepTimer()
     max_length = 512  # the probe keeps long held-out rows (HumanEval) that a 128-token trainer limit drops
-    probe = HeldOutLeakProbe(suite.held_out_capability(probe_rows), tok, max_length=max_length, rows=probe_rows)
+    probe = (
+        HeldOutLeakProbe(suite.held_out_capability(probe_rows), tok, max_length=max_length, rows=probe_rows)
+        if probe_rows > 0
+        else None
+    )
+    callbacks = [timer] if probe is None else [timer, probe]
     if overrides is None:
         trainer = DPOTrainer(
             model=model,
@@ -164,7 +170,7 @@ def run_config(
             train_dataset=suite.preference_dataset(),
             processing_class=tok,
             peft_config=suite.peft_config(),
-            callbacks=[timer, probe],
+            callbacks=callbacks,
         )
     else:
         caps = dict(suite.capability_datasets())
@@ -184,10 +190,10 @@ def run_config(
             processing_class=tok,
             capability_datasets=caps,
             peft_config=suite.peft_config(),
-            callbacks=[timer, probe],
+            callbacks=callbacks,
         )
     trainer.train()
-    step = [t - p for t, p in zip(timer.times, probe.seconds, strict=False)]
+    step = timer.times if probe is None else [t - p for t, p in zip(timer.times, probe.seconds, strict=False)]
     trained = trainer.model
     if not evaluate:
         samples: dict[str, list[float]] = {}
@@ -195,16 +201,21 @@ def run_config(
         samples = suite.evaluate_fast(trained, tok, None, "validation")
     else:
         samples = suite.evaluate(trained, tok, None, "validation")
-    leaks = {t: statistics.fmean(v) for t, v in probe.leaks.items() if v}
+    probed: dict[str, Any] = {}
+    if probe is not None:
+        leaks = {t: statistics.fmean(v) for t, v in probe.leaks.items() if v}
+        probed = {
+            "held_out_leak": leaks,
+            "held_out_leak_mean": statistics.fmean(leaks.values()),
+            "held_out_nll_rise": probe.nll_rise,
+        }
     return {
         "config": name,
         "overrides": overrides,
         "step_time_mean": statistics.fmean(step),
         "step_time_median": statistics.median(step),
         "step_seconds": step,
-        "held_out_leak": leaks,
-        "held_out_leak_mean": statistics.fmean(leaks.values()),
-        "held_out_nll_rise": probe.nll_rise,
+        **probed,
         # the trainer's own timings, means over its logging windows (absent for vanilla)
         "trainer_seconds": {
             key.removeprefix("frontier/"): statistics.fmean(row[key] for row in trainer.state.log_history if key in row)
@@ -223,14 +234,17 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, float]) -> list[dict[s
             "config": r["config"],
             # --interleave: against the vanilla run just before this one (cancels the machine's drift)
             "time_ratio": r["step_time_mean"] / r.get("adjacent_vanilla_step_time", vanilla["step_time_mean"]),
-            "held_out_leak": r["held_out_leak_mean"],
-            "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
-            "held_out_nll_rise": r["held_out_nll_rise"],
-            "nll_rise_vs_vanilla": {
-                t: (v / vanilla["held_out_nll_rise"][t] if vanilla["held_out_nll_rise"][t] > 0 else float("nan"))
-                for t, v in r["held_out_nll_rise"].items()
-            },
         }
+        if "held_out_leak_mean" in r:  # probed (--probe-rows > 0)
+            row |= {
+                "held_out_leak": r["held_out_leak_mean"],
+                "leak_vs_unprojected": r["held_out_leak_mean"] / vanilla["held_out_leak_mean"],
+                "held_out_nll_rise": r["held_out_nll_rise"],
+                "nll_rise_vs_vanilla": {
+                    t: (v / vanilla["held_out_nll_rise"][t] if vanilla["held_out_nll_rise"][t] > 0 else float("nan"))
+                    for t, v in r["held_out_nll_rise"].items()
+                },
+            }
         if base:
             caps = [k for k in base if k.startswith(CAPABILITY_PREFIX)]
             v_loss = {k: base[k] - vanilla["metrics"][k] for k in caps}
@@ -266,6 +280,12 @@ def mean_summary(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
+    if "held_out_leak" not in summary[0]:  # --probe-rows 0: the cost only
+        lines = ["| config | time × vanilla (mean) | per seed |", "|---|---|---|"]
+        for s in summary:
+            per_seed = ", ".join(f"{x:.3f}" for x in s.get("time_ratio_per_seed", [s["time_ratio"]]))
+            lines.append(f"| {s['config']} | {s['time_ratio']:.3f} | {per_seed} |")
+        return "\n".join(lines)
     if "capability_loss" not in summary[0]:
         tasks = sorted(summary[0]["held_out_nll_rise"])
         head = "| config | time × vanilla | held-out leak | leak / unprojected | " + " | ".join(
@@ -302,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=None, help="default: the preset's middle learning rate")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--probe-rows", type=int, default=16)
+    parser.add_argument(
+        "--probe-rows", type=int, default=16, help="held-out rows per task for the leak probe (0: no probe, cost only)"
+    )
     parser.add_argument(
         "--no-eval", action="store_true", help="skip the generation-based validation scores (timing, leak, NLL only)"
     )

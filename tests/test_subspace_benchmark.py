@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.subspace_benchmark import mean_summary, summarise
+from benchmarks.subspace_benchmark import mean_summary, summarise, table
 
 
 def _row(config: str, step: float, leak: float, rise: dict[str, float], **extra: float) -> dict:
@@ -35,3 +35,21 @@ def test_mean_summary_keeps_per_seed_values() -> None:
     a = mean_summary(seeds)[1]
     assert a["time_ratio"] == pytest.approx(1.2) and a["time_ratio_per_seed"] == pytest.approx([1.1, 1.3])
     assert a["nll_rise_vs_vanilla"] == pytest.approx({"x": 0.4})
+
+
+def test_without_the_probe_only_the_cost_is_summarised() -> None:
+    """--probe-rows 0: rows carry no leak or NLL, the summary and table give the time ratio alone,
+    per seed, each against its adjacent vanilla."""
+
+    def timed(config: str, step: float, **extra: float) -> dict:
+        return {"config": config, "step_time_mean": step, "metrics": {}, **extra}
+
+    seeds = [
+        summarise([timed("vanilla", 2.0), timed("a", 2.4, adjacent_vanilla_step_time=2.2)], base={}),
+        summarise([timed("vanilla", 2.0), timed("a", 2.6, adjacent_vanilla_step_time=2.0)], base={}),
+    ]
+    assert set(seeds[0][1]) == {"config", "time_ratio"}
+    mean = mean_summary(seeds)
+    assert mean[1]["time_ratio_per_seed"] == pytest.approx([2.4 / 2.2, 1.3])
+    text = table(mean)
+    assert "| a | 1.195 | 1.091, 1.300 |" in text and "leak" not in text
