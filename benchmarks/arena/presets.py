@@ -22,8 +22,11 @@ OURS_VARIANTS: dict[str, dict[str, Any]] = {
     "activation": {"capability_space": "activation"},
     "activation-r8": {"capability_space": "activation", "activation_rank": 8},
     # issue 15 §3 on SmolLM2: activation mode (which kept refusal and capability in smollm2-cpu-long) with the
-    # recipe's benign rows and refusal hold; in activation mode the benign prompts' inputs join every module's
-    # subspace, in "both" the hold is also a gradient direction (the one that cut look-alike over-refusal)
+    # recipe's benign rows, alone or with its refusal hold. In activation mode a task's rows add their inputs to
+    # every module's subspace: the benign prompts and the model's answers, and with the hold also the refusal
+    # text itself; in "both" the hold is in addition a gradient direction (the one that cut look-alike
+    # over-refusal in gradient mode)
+    "activation-r8-benign": {"capability_space": "activation", "activation_rank": 8, "protect_benign": True},
     "activation-r8-hold": {
         "capability_space": "activation",
         "activation_rank": 8,
