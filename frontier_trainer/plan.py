@@ -273,6 +273,13 @@ class MemoryPlan:
         tracking: whether the degradation tracker runs.
         ema: whether ``capability_ema > 0`` (a refresh then holds one more gradient).
         source: where the parameter set came from (``config.json``, ``hub cache``, ...).
+        activation_bytes: capability_space "activation"/"both": the bases and float64 step images
+            the activation projector holds (``activation.activation_memory``'s ``activation_total``,
+            an upper bound: r = ``activation_rank`` for every input group); 0 in gradient mode,
+            ``None`` when unknown offline.
+        activation_refresh_bytes: the float64 input covariances a refresh holds at once (one pass
+            within ``DEFAULT_MAX_COVARIANCE_BYTES``, or the largest group if that alone is more):
+            transient, counted in the peak only.
     """
 
     trainable_parameters: int | None
@@ -285,6 +292,8 @@ class MemoryPlan:
     #: FSDP2 runs: ``{world size: T per rank}``, the largest local shard set (rank 0's) of the
     #: trainable parameters under ``Shard(0)`` (:func:`distributed.max_shard_bytes`); empty otherwise.
     shard_bytes: dict[int, int] = field(default_factory=dict)
+    activation_bytes: int | None = 0
+    activation_refresh_bytes: int | None = 0
 
     def projector_bytes_per_rank(self, world_size: int) -> int:
         """(k+1) T/rank under FSDP2 with ``world_size`` ranks: this rank's shards of the snapshot
@@ -331,15 +340,15 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int | None:
-        """Projector + tracker held between steps (device memory on every process)."""
-        a, b = self.projector_bytes, self.tracker_bytes
-        return None if a is None or b is None else a + b
+        """Projector + activation bases + tracker held between steps (device memory on every process)."""
+        parts = (self.projector_bytes, self.activation_bytes, self.tracker_bytes)
+        return None if any(x is None for x in parts) else sum(parts)  # type: ignore[arg-type]
 
     @property
     def total_peak_bytes(self) -> int | None:
-        """Upper bound: both peaks at once."""
-        a, b = self.projector_peak_bytes, self.tracker_peak_bytes
-        return None if a is None or b is None else a + b
+        """Upper bound: every peak at once (the activation refresh's covariances included)."""
+        parts = (self.projector_peak_bytes, self.activation_bytes, self.activation_refresh_bytes, self.tracker_peak_bytes)
+        return None if any(x is None for x in parts) else sum(parts)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         """All counts, JSON-serialisable."""
@@ -418,7 +427,13 @@ def trainable_parameter_set(config: Any, model_args: Any) -> tuple[int, int]:
 
 
 def trainable_meta_parameters(config: Any, model_args: Any) -> list[torch.Tensor]:
-    """The trainable parameters training will have, built on the meta device (no memory).
+    """The trainable parameters training will have, built on the meta device (no memory):
+    those of :func:`meta_model`."""
+    return [p for p in meta_model(config, model_args).parameters() if p.requires_grad]
+
+
+def meta_model(config: Any, model_args: Any) -> torch.nn.Module:
+    """The model training will have, built on the meta device (no memory).
 
     The model comes from ``AutoModelForCausalLM.from_config`` under ``torch.device("meta")`` (no
     memory, no weights) in the dtype ``model_args.dtype`` loads; with ``use_peft`` the real PEFT
@@ -440,7 +455,7 @@ def trainable_meta_parameters(config: Any, model_args: Any) -> list[torch.Tensor
                 model = get_peft_model(model, get_peft_config(model_args))
             except ValueError as err:
                 raise InputError(f"lora_target_modules: peft cannot wrap this model: {err}") from None
-    return [p for p in model.parameters() if p.requires_grad]
+    return model
 
 
 def plan_memory(
@@ -456,9 +471,14 @@ def plan_memory(
     ``trainable_parameters`` overrides the count (at 4 bytes each); ``config_file`` is the
     ``config.json`` used when the model's own is not on this machine.
     """
-    k = 0 if training_args.projection == "none" else num_tasks * int(training_args.capability_rank)
+    space = getattr(training_args, "capability_space", "gradient")
+    projecting = training_args.projection != "none" and num_tasks > 0
+    # capability_space="activation" holds no gradient directions (no UpdateProjector)
+    k = num_tasks * int(training_args.capability_rank) if projecting and space != "activation" else 0
+    uses_activation = projecting and space in ("activation", "both")
     tracking = bool(getattr(training_args, "degradation_tracking", False)) and num_tasks > 0
     ema = float(getattr(training_args, "capability_ema", 0.0) or 0.0) > 0
+    unknown = None if uses_activation else 0
     if trainable_parameters is not None:
         return MemoryPlan(
             trainable_parameters,
@@ -468,15 +488,28 @@ def plan_memory(
             tracking,
             ema,
             "trainable_parameters (given)",
+            activation_bytes=unknown,
+            activation_refresh_bytes=unknown,
         )
     config, origin = model_config(model, config_file)
     if config is None:
-        return MemoryPlan(None, None, k, num_tasks, tracking, ema, origin)
-    params = trainable_meta_parameters(config, model_args)
+        return MemoryPlan(None, None, k, num_tasks, tracking, ema, origin, activation_bytes=unknown,
+                          activation_refresh_bytes=unknown)  # fmt: skip
+    built = meta_model(config, model_args)
+    params = [p for p in built.parameters() if p.requires_grad]
     count, size = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     worlds = fsdp_world_sizes(training_args)
     shards = {n: max_shard_bytes(params, n) for n in worlds}
-    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin, shards)
+    activation_bytes = refresh_bytes = 0
+    if uses_activation:
+        from frontier_trainer.activation import DEFAULT_MAX_COVARIANCE_BYTES, activation_memory
+
+        estimate = activation_memory(built, rank=int(training_args.activation_rank), num_directions=k)
+        activation_bytes = estimate["activation_total"]
+        refresh_bytes = min(
+            estimate["activation_refresh_one_pass"], max(estimate["activation_refresh"], DEFAULT_MAX_COVARIANCE_BYTES)
+        )
+    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin, shards, activation_bytes, refresh_bytes)
 
 
 def fsdp_world_sizes(training_args: Any) -> list[int]:
@@ -749,15 +782,31 @@ class FrontierPlan:
             f"  output_dir: {training_args.output_dir}; report_to: {training_args.report_to}",
         ]
         mem = self.memory
+        space = getattr(training_args, "capability_space", "gradient")
         if mem.trainable_bytes is None:
             lines.append(f"  memory: unknown ({mem.source}; pass --trainable_parameters N)")
         else:
             lines += [
                 f"  trainable parameters: {mem.trainable_parameters:,}, {human_bytes(mem.trainable_bytes)} "
                 f"(T; from {mem.source}, built on the meta device)",
-                f"  projector: (k+1) T, k = {mem.num_tasks} tasks x rank {training_args.capability_rank} = "
-                f"{mem.num_directions}: {human_bytes(mem.projector_bytes)} "
-                f"(peak {human_bytes(mem.projector_peak_bytes)}) per process",
+                (
+                    "  projector: none (capability_space='activation' holds no gradient directions)"
+                    if space == "activation"
+                    else f"  projector: (k+1) T, k = {mem.num_tasks} tasks x rank {training_args.capability_rank} = "
+                    f"{mem.num_directions}: {human_bytes(mem.projector_bytes)} "
+                    f"(peak {human_bytes(mem.projector_peak_bytes)}) per process"
+                ),
+                *(
+                    [
+                        f"  activation projector (capability_space={space!r}): float64 bases and step images "
+                        f"with r = activation_rank {training_args.activation_rank} in every input group (an upper "
+                        f"bound: activation_energy may keep fewer): {human_bytes(mem.activation_bytes)} per process; "
+                        f"a refresh adds {human_bytes(mem.activation_refresh_bytes)} of float64 input covariances "
+                        "(transient)"
+                    ]
+                    if space in ("activation", "both")
+                    else []
+                ),
                 f"  degradation tracker: (m+1) T = {human_bytes(mem.tracker_bytes)} "
                 f"(peak (2m+1) T = {human_bytes(mem.tracker_peak_bytes)}) per process",
                 f"  total extra: {human_bytes(mem.total_bytes)} per process; checkpoint frontier_state.pt: "
@@ -772,6 +821,7 @@ class FrontierPlan:
             )
         counts = {
             "directions_extra_bytes": mem.projector_bytes,  # (k+1) T, the projector alone
+            **({"activation_extra_bytes": mem.activation_bytes} if space in ("activation", "both") else {}),
             "tracker_extra_bytes": mem.tracker_bytes,
             "total_extra_bytes": mem.total_bytes,
             "checkpoint_bytes": mem.checkpoint_bytes,

@@ -316,6 +316,43 @@ def test_memory_plan_counts_projector_tracker_and_checkpoint(
     assert default.total_bytes == 2 * default.projector_bytes
 
 
+def test_memory_plan_counts_the_activation_projector_and_no_directions_in_activation_mode(
+    model_dir: Path, cap_files: dict[str, str], tmp_path: Path
+) -> None:
+    """capability_space="activation" holds no gradient directions (k = 0) but the activation bases and
+    step images (activation_memory of the model at activation_rank); "both" holds both; the dry run
+    says so and counts them in the totals."""
+    from transformers import AutoModelForCausalLM
+
+    from frontier_trainer.activation import activation_memory
+
+    T = _real_trainable_bytes(model_dir)
+    expected = activation_memory(AutoModelForCausalLM.from_pretrained(model_dir), rank=4, num_directions=0)
+    m = 2
+    act = _plan(tmp_path / "a", str(model_dir), cap_files, capability_space="activation", activation_rank=4)
+    mem = act.memory
+    assert mem.num_directions == 0 and mem.projector_bytes == 0 and mem.checkpoint_bytes == 0
+    assert mem.activation_bytes == expected["activation_total"] > 0
+    assert mem.activation_refresh_bytes == expected["activation_refresh_one_pass"]  # tiny: one pass fits
+    assert mem.total_bytes == mem.activation_bytes + (m + 1) * T
+    assert mem.total_peak_bytes == mem.activation_bytes + mem.activation_refresh_bytes + (2 * m + 1) * T
+    text = "\n".join(act.lines(_config(tmp_path, cap_files, capability_space="activation", activation_rank=4),
+                                 ModelConfig()))  # fmt: skip
+    assert "projector: none (capability_space='activation'" in text
+    assert f"activation_extra_bytes: {expected['activation_total']}" in text and "directions_extra_bytes: 0" in text
+    both = _plan(tmp_path / "b", str(model_dir), cap_files, capability_space="both", activation_rank=4).memory
+    assert both.num_directions == m and both.projector_bytes == (m + 1) * T
+    assert both.activation_bytes == expected["activation_total"]
+    assert both.total_bytes == (m + 1) * T + both.activation_bytes + (m + 1) * T
+    gradient = _plan(tmp_path / "g", str(model_dir), cap_files).memory
+    assert gradient.activation_bytes == 0 and gradient.activation_refresh_bytes == 0
+
+
+def _config(tmp_path: Path, caps: dict[str, str], **train: Any) -> FrontierDPOConfig:
+    return FrontierDPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                             capability_datasets=caps, **train)  # fmt: skip
+
+
 def test_hub_model_without_a_local_config_is_unknown_offline_not_an_error(
     cap_files: dict[str, str], tmp_path: Path
 ) -> None:
