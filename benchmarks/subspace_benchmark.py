@@ -104,9 +104,8 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     # gradient span of feasible rank covers (benchmarks/leak_ceiling.py)?
     "activation-r8": dict(capability_space="activation", activation_rank=8),
     "activation-r4": dict(capability_space="activation", activation_rank=4),
-    # ...and its cost (issue 15 §4): rarer refreshes (every 20 steps: once in a 20-step run), fewer rows
+    # ...and its cost (issue 15 §4): rarer refreshes (every 20 steps: once in a 20-step run)
     "activation-r8-r20": dict(capability_space="activation", activation_rank=8, capability_refresh_steps=20),
-    "activation-r8-b4": dict(capability_space="activation", activation_rank=8, capability_batch_size=4),
     "stream-r2-b1": dict(
         capability_refresh_steps=2, capability_batch_size=1, capability_refresh_tasks=1, capability_ema=0.8
     ),

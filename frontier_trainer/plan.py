@@ -280,6 +280,8 @@ class MemoryPlan:
         activation_refresh_bytes: the float64 input covariances a refresh holds at once (one pass
             within ``DEFAULT_MAX_COVARIANCE_BYTES``, or the largest group if that alone is more):
             transient, counted in the peak only.
+        activation_checkpoint_bytes: the bases ``frontier_state.pt`` stores with the state (the
+            ``activation_basis`` part of ``activation_bytes``; same upper bound).
     """
 
     trainable_parameters: int | None
@@ -294,6 +296,7 @@ class MemoryPlan:
     shard_bytes: dict[int, int] = field(default_factory=dict)
     activation_bytes: int | None = 0
     activation_refresh_bytes: int | None = 0
+    activation_checkpoint_bytes: int | None = 0
 
     def projector_bytes_per_rank(self, world_size: int) -> int:
         """(k+1) T/rank under FSDP2 with ``world_size`` ranks: this rank's shards of the snapshot
@@ -335,8 +338,10 @@ class MemoryPlan:
 
     @property
     def checkpoint_bytes(self) -> int | None:
-        """k T: the directions ``frontier_state.pt`` stores per checkpoint (plus a small header)."""
-        return self._times(self.num_directions)
+        """k T + the activation bases: what ``frontier_state.pt`` stores per checkpoint (plus a small header)."""
+        directions = self._times(self.num_directions)
+        bases = self.activation_checkpoint_bytes
+        return None if directions is None or bases is None else directions + bases
 
     @property
     def total_bytes(self) -> int | None:
@@ -490,26 +495,29 @@ def plan_memory(
             "trainable_parameters (given)",
             activation_bytes=unknown,
             activation_refresh_bytes=unknown,
+            activation_checkpoint_bytes=unknown,
         )
     config, origin = model_config(model, config_file)
     if config is None:
         return MemoryPlan(None, None, k, num_tasks, tracking, ema, origin, activation_bytes=unknown,
-                          activation_refresh_bytes=unknown)  # fmt: skip
+                          activation_refresh_bytes=unknown, activation_checkpoint_bytes=unknown)  # fmt: skip
     built = meta_model(config, model_args)
     params = [p for p in built.parameters() if p.requires_grad]
     count, size = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     worlds = fsdp_world_sizes(training_args)
     shards = {n: max_shard_bytes(params, n) for n in worlds}
-    activation_bytes = refresh_bytes = 0
+    activation_bytes = refresh_bytes = basis_bytes = 0
     if uses_activation:
         from frontier_trainer.activation import DEFAULT_MAX_COVARIANCE_BYTES, activation_memory
 
         estimate = activation_memory(built, rank=int(training_args.activation_rank), num_directions=k)
-        activation_bytes = estimate["activation_total"]
+        activation_bytes, basis_bytes = estimate["activation_total"], estimate["activation_basis"]
         refresh_bytes = min(
             estimate["activation_refresh_one_pass"], max(estimate["activation_refresh"], DEFAULT_MAX_COVARIANCE_BYTES)
         )
-    return MemoryPlan(count, size, k, num_tasks, tracking, ema, origin, shards, activation_bytes, refresh_bytes)
+    return MemoryPlan(
+        count, size, k, num_tasks, tracking, ema, origin, shards, activation_bytes, refresh_bytes, basis_bytes
+    )
 
 
 def fsdp_world_sizes(training_args: Any) -> list[int]:

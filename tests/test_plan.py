@@ -331,7 +331,8 @@ def test_memory_plan_counts_the_activation_projector_and_no_directions_in_activa
     m = 2
     act = _plan(tmp_path / "a", str(model_dir), cap_files, capability_space="activation", activation_rank=4)
     mem = act.memory
-    assert mem.num_directions == 0 and mem.projector_bytes == 0 and mem.checkpoint_bytes == 0
+    assert mem.num_directions == 0 and mem.projector_bytes == 0
+    assert mem.checkpoint_bytes == expected["activation_basis"] > 0  # frontier_state.pt holds the bases
     assert mem.activation_bytes == expected["activation_total"] > 0
     assert mem.activation_refresh_bytes == expected["activation_refresh_one_pass"]  # tiny: one pass fits
     assert mem.total_bytes == mem.activation_bytes + (m + 1) * T
@@ -343,6 +344,7 @@ def test_memory_plan_counts_the_activation_projector_and_no_directions_in_activa
     both = _plan(tmp_path / "b", str(model_dir), cap_files, capability_space="both", activation_rank=4).memory
     assert both.num_directions == m and both.projector_bytes == (m + 1) * T
     assert both.activation_bytes == expected["activation_total"]
+    assert both.checkpoint_bytes == m * T + expected["activation_basis"]
     assert both.total_bytes == (m + 1) * T + both.activation_bytes + (m + 1) * T
     gradient = _plan(tmp_path / "g", str(model_dir), cap_files).memory
     assert gradient.activation_bytes == 0 and gradient.activation_refresh_bytes == 0
